@@ -1,0 +1,46 @@
+"""fedzip: communication-efficient federated learning research in PyTorch.
+
+The public API is flat::
+
+    import fedzip
+    fedavg = fedzip.weighted_fedavg(model_fn, client_optimizer, server_optimizer,
+                                    aggregator=fedzip.compression_aggregator())
+"""
+
+from fedzip import codecs
+from fedzip.aggregators import (
+    AdaptiveNorm,
+    Aggregator,
+    FixedNorm,
+    StreamingMean,
+    clipping,
+    compression_aggregator,
+    mean,
+    robust_aggregator,
+    zeroing,
+)
+from fedzip.algorithms import ClientWork, ServerState, WeightedFedAvg, weighted_fedavg
+from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
+from fedzip.errors import (
+    ClientFailure,
+    ConfigError,
+    DataError,
+    FedzipError,
+    NonFiniteUpdateError,
+    PayloadError,
+    RoundFailedError,
+)
+from fedzip.execution import LocalExecutor
+from fedzip.models import FedAvgCNN, fedavg_cnn
+from fedzip.seeding import derive_seed, sample_clients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
+    "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",
+    "NonFiniteUpdateError", "PayloadError", "Preprocess", "RoundFailedError", "ServerState",
+    "StreamingMean", "WeightedFedAvg", "clipping", "codecs", "compression_aggregator",
+    "derive_seed", "fedavg_cnn", "mean", "robust_aggregator", "sample_clients",
+    "weighted_fedavg", "zeroing",
+]

@@ -1,0 +1,429 @@
+"""Aggregators that compose: zeroing → clipping → weighted mean over a codec.
+
+The shape follows TFF's aggregation factories, made explicit in the optax
+way: every piece has ``init() -> state`` and pure functions of ``(state,
+inputs)``, and *measurements* (norms, counts) are returned apart from *state*.
+
+An :class:`Aggregator` is a chain of :class:`Stage` s (outermost first) around
+a leaf, the weighted mean over a :class:`~fedzip.codecs.CodecPolicy`. A round
+runs in three places:
+
+1. server, before the round: :meth:`Aggregator.broadcast_scalars` — what the
+   clients need (current clipping/zeroing norms). They are sent, and counted,
+   in the broadcast message.
+2. each client: :meth:`Aggregator.client_encode` — stages transform the update
+   (zero it, clip it) and report a few scalars (was it clipped, was its norm
+   below the estimate); the codec policy encodes each tensor.
+3. server: :class:`StreamingMean` folds each client's message into running
+   sums as it arrives (memory stays O(model size) whatever the cohort), then
+   :meth:`Aggregator.finalize` returns the mean, the new state (adaptive norms
+   move) and the measurements.
+
+Build them with :func:`mean`, :func:`clipping`, :func:`zeroing` and
+:func:`compression_aggregator`, nesting as in TFF::
+
+    zeroing(clipping(mean(codec=...)))
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from fedzip import tree
+from fedzip.codecs import Codec, CodecPolicy, UniformQuantization, above_threshold, as_policy
+from fedzip.errors import ConfigError, NonFiniteUpdateError, PayloadError, RoundFailedError
+from fedzip.payload import decode_params
+from fedzip.tree import Params
+from fedzip.wire import Message, TensorRecord
+
+# --------------------------------------------------------------------------
+# Norm estimates: fixed, or adaptive (tracking a quantile of client norms)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FixedNorm:
+    """A norm bound that never moves."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            raise ConfigError(f"norm must be a positive finite number, got {self.value!r}")
+
+    def init(self) -> dict[str, float]:
+        return {}
+
+    def threshold(self, state: Mapping[str, float]) -> float:
+        return float(self.value)
+
+    def estimate(self, state: Mapping[str, float]) -> float:
+        return float(self.value)
+
+    def update(self, state: Mapping[str, float], below_fraction: float) -> dict[str, float]:
+        return dict(state)
+
+
+@dataclass(frozen=True)
+class AdaptiveNorm:
+    """A norm bound that tracks a quantile of the clients' norms across rounds.
+
+    This is TFF's ``PrivateQuantileEstimationProcess.no_noise`` with geometric
+    updates (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private
+    Learning with Adaptive Clipping", NeurIPS 2021): each round, with ``f``
+    the fraction of clients whose norm is ``<= estimate``,
+
+        estimate ← estimate · exp(−learning_rate · (f − target_quantile))
+
+    and the bound used is ``multiplier · estimate + increment``.
+    """
+
+    initial_estimate: float
+    target_quantile: float
+    learning_rate: float
+    multiplier: float = 1.0
+    increment: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.initial_estimate > 0:
+            raise ConfigError(f"AdaptiveNorm.initial_estimate must be > 0, got {self.initial_estimate!r}")
+        if not 0 <= self.target_quantile <= 1:
+            raise ConfigError(f"AdaptiveNorm.target_quantile must be in [0, 1], got {self.target_quantile!r}")
+        if not self.learning_rate >= 0:
+            raise ConfigError(f"AdaptiveNorm.learning_rate must be >= 0, got {self.learning_rate!r}")
+
+    def init(self) -> dict[str, float]:
+        return {"estimate": float(self.initial_estimate)}
+
+    def estimate(self, state: Mapping[str, float]) -> float:
+        return float(state["estimate"])
+
+    def threshold(self, state: Mapping[str, float]) -> float:
+        return self.multiplier * float(state["estimate"]) + self.increment
+
+    def update(self, state: Mapping[str, float], below_fraction: float) -> dict[str, float]:
+        below = min(1.0, max(0.0, below_fraction))
+        new = float(state["estimate"]) * math.exp(-self.learning_rate * (below - self.target_quantile))
+        return {"estimate": new}
+
+
+NormSpec = FixedNorm | AdaptiveNorm
+
+
+def _as_norm(norm: float | NormSpec) -> NormSpec:
+    if isinstance(norm, (FixedNorm, AdaptiveNorm)):
+        return norm
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        return FixedNorm(float(norm))
+    raise ConfigError(f"norm must be a number, FixedNorm or AdaptiveNorm, got {type(norm).__name__}")
+
+
+# --------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------
+
+
+class Stage(abc.ABC):
+    """A step applied to each client's update before the mean (a middleware)."""
+
+    key: str
+
+    @abc.abstractmethod
+    def init(self) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def broadcast(self, state: Mapping[str, float]) -> dict[str, float]:
+        """Scalars the clients need this round."""
+
+    @abc.abstractmethod
+    def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
+        """Transform one client's update; return it and the scalars to report."""
+
+    @abc.abstractmethod
+    def finalize(
+        self, state: Mapping[str, float], reports: Mapping[str, float], n_clients: int
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """From the summed reports: (new state, measurements)."""
+
+
+@dataclass(frozen=True)
+class _NormStage(Stage):
+    norm: NormSpec
+    key: str
+
+    def init(self) -> dict[str, float]:
+        return self.norm.init()
+
+    def broadcast(self, state: Mapping[str, float]) -> dict[str, float]:
+        out = {"threshold": self.norm.threshold(state)}
+        if isinstance(self.norm, AdaptiveNorm):
+            out["estimate"] = self.norm.estimate(state)
+        return out
+
+
+@dataclass(frozen=True)
+class Zeroing(_NormStage):
+    """Replace an update by zeros when its norm exceeds the bound or is not
+    finite (TFF's ``zeroing_factory``; L-infinity norm by default). The
+    client's weight is kept, as TFF does, so heavy zeroing pulls the mean
+    toward zero. Measurements: ``zeroing_norm``, ``zeroed_count``."""
+
+    norm_order: float = math.inf
+
+    def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
+        norm = tree.global_norm(update, self.norm_order)
+        zero = not math.isfinite(norm) or norm > scalars["threshold"]
+        if zero:
+            update = tree.zeros_like(update)
+        report = {"zeroed": float(zero)}
+        if "estimate" in scalars:
+            report["below"] = float(math.isfinite(norm) and norm <= scalars["estimate"])
+        return update, report
+
+    def finalize(self, state, reports, n_clients):
+        new_state = self.norm.update(state, reports.get("below", 0.0) / max(n_clients, 1))
+        meas = {"zeroing_norm": self.norm.threshold(state), "zeroed_count": reports.get("zeroed", 0.0)}
+        return new_state, meas
+
+
+@dataclass(frozen=True)
+class Clipping(_NormStage):
+    """Project the update onto the L2 ball of the bound (TFF's
+    ``clipping_factory``). Measurements: ``clipping_norm``, ``clipped_count``."""
+
+    def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
+        norm = tree.global_norm(update, 2.0)
+        bound = scalars["threshold"]
+        clipped = math.isfinite(norm) and norm > bound
+        if clipped:
+            update = tree.scale(update, bound / norm)
+        report = {"clipped": float(clipped)}
+        if "estimate" in scalars:
+            report["below"] = float(math.isfinite(norm) and norm <= scalars["estimate"])
+        return update, report
+
+    def finalize(self, state, reports, n_clients):
+        new_state = self.norm.update(state, reports.get("below", 0.0) / max(n_clients, 1))
+        meas = {"clipping_norm": self.norm.threshold(state), "clipped_count": reports.get("clipped", 0.0)}
+        return new_state, meas
+
+
+# --------------------------------------------------------------------------
+# The aggregator
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """Stages (outermost first) around a weighted mean over a codec policy.
+
+    ``weighted=True`` weights each client by its number of examples (TFF's
+    weighted FedAvg); ``False`` gives every client weight 1.
+    """
+
+    stages: tuple[Stage, ...] = ()
+    policy: CodecPolicy = field(default_factory=CodecPolicy)
+    weighted: bool = True
+
+    # -- state ------------------------------------------------------------
+
+    def init(self) -> dict[str, Any]:
+        """The aggregator's state: each stage's, and per-client codec state."""
+        state: dict[str, Any] = {s.key: s.init() for s in self.stages}
+        state["client_states"] = {}
+        return state
+
+    def broadcast_scalars(self, state: Mapping[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in self.stages:
+            for k, v in s.broadcast(state[s.key]).items():
+                out[f"{s.key}/{k}"] = v
+        return out
+
+    # -- client side --------------------------------------------------------
+
+    def client_encode(
+        self,
+        scalars: Mapping[str, float],
+        update: Params,
+        rng: torch.Generator,
+        client_state: Mapping[str, Any] | None = None,
+    ) -> tuple[list[TensorRecord], dict[str, float], dict[str, Any]]:
+        """Run the stages and the codecs on one client's update.
+
+        Returns the tensor records, the stage reports (prefixed by stage key)
+        and the client's new codec state. Raises :class:`NonFiniteUpdateError`
+        if the update is not finite once the stages ran (no zeroing to drop it).
+        """
+        reports: dict[str, float] = {}
+        for s in self.stages:
+            prefix = f"{s.key}/"
+            mine = {k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)}
+            update, rep = s.client(mine, update)
+            reports.update({prefix + k: v for k, v in rep.items()})
+        bad = [k for k, v in update.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteUpdateError(
+                f"update holds NaN or Inf in {', '.join(bad[:3])}"
+                + (" (add zeroing to drop such updates)" if not self.stages else "")
+            )
+        records = []
+        new_state: dict[str, Any] = {}
+        client_state = client_state or {}
+        for name, value in update.items():
+            codec = self.policy.for_tensor(name, value.numel())
+            prev = client_state.get(name)
+            if prev is None:
+                prev = codec.init_client_state(tuple(value.shape))
+            if prev is None:
+                body = codec.encode(value, rng)
+            else:
+                body, prev = codec.encode_stateful(value, rng, prev)
+                new_state[name] = prev
+            records.append(TensorRecord(name, codec.tag, tuple(value.shape), body))
+        return records, reports, new_state
+
+    # -- server side -------------------------------------------------------
+
+    def accumulator(self, template: Params) -> StreamingMean:
+        return StreamingMean(self, {k: (tuple(v.shape), v.device) for k, v in template.items()})
+
+    def finalize(
+        self, state: Mapping[str, Any], acc: StreamingMean
+    ) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The mean update, the new state, and the measurements of this round."""
+        mean = acc.mean()
+        new_state = dict(state)
+        measurements: dict[str, float] = {}
+        for s in self.stages:
+            prefix = f"{s.key}/"
+            mine = {k[len(prefix) :]: v for k, v in acc.report_sums.items() if k.startswith(prefix)}
+            new_state[s.key], meas = s.finalize(state[s.key], mine, acc.count)
+            measurements.update({f"{s.key}/{k}": v for k, v in meas.items()})
+        return mean, new_state, measurements
+
+
+class StreamingMean:
+    """Running weighted sums: fold each client's message as it arrives.
+
+    Memory is one float64 buffer per model tensor plus a few scalars,
+    whatever the number of clients. Messages are checked against the model
+    template (names, shapes, codec tags) before anything is decoded.
+    """
+
+    def __init__(self, aggregator: Aggregator, template: Mapping[str, tuple[tuple[int, ...], Any]]):
+        self.aggregator = aggregator
+        self.template = dict(template)
+        self.sums = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in template.items()}
+        self.weight_sum = 0.0
+        self.count = 0
+        self.report_sums: dict[str, float] = {}
+
+    def decode_update(self, message: Message) -> Params:
+        """Validate a client's tensors against the template and decode them."""
+        return decode_params(
+            message, {k: shape for k, (shape, _) in self.template.items()}, self.aggregator.policy
+        )
+
+    def fold(self, message: Message) -> None:
+        """Add one client's update; its weight is the ``weight`` scalar."""
+        weight = message.scalars.get("weight")
+        if weight is None or not math.isfinite(weight) or weight < 0:
+            raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
+        if not self.aggregator.weighted:
+            weight = 1.0
+        update = self.decode_update(message)
+        for k, v in update.items():
+            self.sums[k].add_(v.to(torch.float64), alpha=weight)
+        self.weight_sum += weight
+        self.count += 1
+        for k, v in message.scalars.items():
+            # stage reports ("clipping/below") and client metrics ("train/loss_sum")
+            if k != "weight":
+                self.report_sums[k] = self.report_sums.get(k, 0.0) + v
+
+    def mean(self) -> Params:
+        if self.count == 0:
+            raise RoundFailedError("no client update to aggregate")
+        if self.weight_sum <= 0:
+            raise RoundFailedError("the clients' total weight is zero (no examples)")
+        return {
+            k: (v / self.weight_sum).to(torch.float32).to(self.template[k][1])
+            for k, v in self.sums.items()
+        }
+
+
+# --------------------------------------------------------------------------
+# Constructors (the public way to build aggregators)
+# --------------------------------------------------------------------------
+
+
+def mean(codec: Codec | CodecPolicy | None = None, weighted: bool = True) -> Aggregator:
+    """Weighted mean of the updates, each tensor sent through ``codec``
+    (a codec for every tensor, a :class:`CodecPolicy`, or None for float32)."""
+    return Aggregator((), as_policy(codec), weighted)
+
+
+def _wrap(inner: Aggregator, stage_cls: type, norm: float | NormSpec, base_key: str, **kw) -> Aggregator:
+    if not isinstance(inner, Aggregator):
+        raise ConfigError(f"inner must be an Aggregator, got {type(inner).__name__}")
+    keys = {s.key for s in inner.stages}
+    key, i = base_key, 1
+    while key in keys:
+        key, i = f"{base_key}_{i}", i + 1
+    return replace(inner, stages=(stage_cls(norm=_as_norm(norm), key=key, **kw), *inner.stages))
+
+
+def clipping(inner: Aggregator, norm: float | NormSpec) -> Aggregator:
+    """L2-clip each update to ``norm`` (fixed, or :class:`AdaptiveNorm`) before ``inner``."""
+    return _wrap(inner, Clipping, norm, "clipping")
+
+
+def zeroing(inner: Aggregator, norm: float | NormSpec, norm_order: float = math.inf) -> Aggregator:
+    """Zero each update whose ``norm_order``-norm exceeds ``norm`` (or is not finite)."""
+    if not (norm_order in (1.0, 2.0) or math.isinf(norm_order)):
+        raise ConfigError(f"zeroing norm_order must be 1, 2 or inf, got {norm_order!r}")
+    return _wrap(inner, Zeroing, norm, "zeroing", norm_order=float(norm_order))
+
+
+def default_zeroing_norm() -> AdaptiveNorm:
+    """TFF's default: adapts very quickly to somewhat above the largest norms seen."""
+    return AdaptiveNorm(10.0, 0.98, math.log(10.0), multiplier=2.0, increment=1.0)
+
+
+def default_clipping_norm() -> AdaptiveNorm:
+    """TFF's default: adapts relatively quickly to a moderately high norm."""
+    return AdaptiveNorm(1.0, 0.8, 0.2)
+
+
+def robust_aggregator(
+    inner: Aggregator | None = None, zeroing_: bool = True, clipping_: bool = True
+) -> Aggregator:
+    """TFF's ``robust_aggregator``: adaptive zeroing, then adaptive clipping, then ``inner``."""
+    agg = inner or mean()
+    if clipping_:
+        agg = clipping(agg, default_clipping_norm())
+    if zeroing_:
+        agg = zeroing(agg, default_zeroing_norm())
+    return agg
+
+
+def compression_aggregator(
+    zeroing: bool = True,
+    clipping: bool = True,
+    weighted: bool = True,
+    bits: int = 8,
+    threshold: int = 20_000,
+) -> Aggregator:
+    """TFF's ``tff.learning.compression_aggregator()``: adaptive zeroing, then
+    adaptive clipping, then a weighted mean where every tensor with more than
+    ``threshold`` elements is sent as ``bits``-bit stochastic uniform min/max
+    quantization and smaller tensors as float32 — with tight bit packing."""
+    policy = above_threshold(UniformQuantization(bits=bits, stochastic=True), threshold)
+    return robust_aggregator(mean(policy, weighted), zeroing_=zeroing, clipping_=clipping)
