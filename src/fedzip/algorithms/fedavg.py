@@ -30,9 +30,9 @@ from fedzip.codecs import Codec, CodecPolicy, as_policy
 from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
 from fedzip.errors import ClientFailure, ConfigError, DataError, PayloadError, RoundFailedError
 from fedzip.execution import Executor, LocalExecutor
+from fedzip.payload import decode_params, encode_params
 from fedzip.seeding import derive_seed, numpy_rng, torch_rng
 from fedzip.tree import Params
-from fedzip.payload import decode_params, encode_params
 from fedzip.wire import Kind, bit_account, decode_message, encode_message
 
 OptimizerFn = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]

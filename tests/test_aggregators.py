@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+import fedzip
+from fedzip.aggregators import AdaptiveNorm
+from fedzip.codecs import UniformQuantization
+from fedzip.errors import ConfigError, NonFiniteUpdateError
+from fedzip.wire import Kind, decode_message, encode_message
+
+
+def _round(agg, state, updates, weights=None):
+    """Run the client side and the streaming server side of one round."""
+    scalars = agg.broadcast_scalars(state)
+    acc = agg.accumulator(updates[0])
+    for i, u in enumerate(updates):
+        records, reports, _ = agg.client_encode(scalars, u, torch.Generator().manual_seed(i))
+        w = 1.0 if weights is None else weights[i]
+        acc.fold(decode_message(encode_message(Kind.UPDATE, {"weight": w, **reports}, records)))
+    return agg.finalize(state, acc)
+
+
+def _vec(*values):
+    return {"w": torch.tensor(values, dtype=torch.float32)}
+
+
+def test_weighted_mean_is_exact():
+    agg = fedzip.mean()
+    mean, _, _ = _round(agg, agg.init(), [_vec(1.0, 2.0), _vec(3.0, 6.0)], weights=[1.0, 3.0])
+    assert torch.allclose(mean["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_unweighted_mean_ignores_weights():
+    agg = fedzip.mean(weighted=False)
+    mean, _, _ = _round(agg, agg.init(), [_vec(1.0), _vec(3.0)], weights=[1.0, 100.0])
+    assert torch.allclose(mean["w"], torch.tensor([2.0]))
+
+
+def test_fixed_clipping_projects_onto_l2_ball_and_counts():
+    agg = fedzip.clipping(fedzip.mean(), 1.0)
+    mean, _, meas = _round(agg, agg.init(), [_vec(3.0, 4.0), _vec(0.3, 0.4)])
+    # (3,4) has norm 5 -> (0.6, 0.8); mean with (0.3, 0.4)
+    assert torch.allclose(mean["w"], torch.tensor([0.45, 0.6]))
+    assert meas["clipping/clipped_count"] == 1
+    assert meas["clipping/clipping_norm"] == 1.0
+
+
+def test_adaptive_clipping_follows_tff_geometric_update():
+    norm = AdaptiveNorm(initial_estimate=1.0, target_quantile=0.8, learning_rate=0.2)
+    agg = fedzip.clipping(fedzip.mean(), norm)
+    state = agg.init()
+    # norms 0.5, 0.9, 2.0, 5.0: two of four are <= 1.0
+    updates = [_vec(0.5), _vec(0.9), _vec(2.0), _vec(-5.0)]
+    _, state, meas = _round(agg, state, updates)
+    expected = 1.0 * math.exp(-0.2 * (2 / 4 - 0.8))
+    assert state["clipping"]["estimate"] == pytest.approx(expected, rel=1e-12)
+    assert meas["clipping/clipped_count"] == 2
+    # the next round uses the new estimate, and moves again by the same rule
+    _, state2, meas2 = _round(agg, state, updates)
+    assert meas2["clipping/clipping_norm"] == pytest.approx(expected)
+    below = sum(abs(u["w"].item()) <= expected for u in updates) / 4
+    assert state2["clipping"]["estimate"] == pytest.approx(expected * math.exp(-0.2 * (below - 0.8)))
+
+
+def test_adaptive_zeroing_uses_multiplier_increment_and_linf_norm():
+    agg = fedzip.zeroing(fedzip.mean(), fedzip.aggregators.default_zeroing_norm())
+    state = agg.init()
+    assert agg.broadcast_scalars(state)["zeroing/threshold"] == 2.0 * 10.0 + 1.0
+    # L-inf norm 25 > 21 is zeroed even though each entry alone is modest in L2 terms
+    mean, new_state, meas = _round(agg, state, [_vec(25.0, 0.0), _vec(1.0, 1.0)])
+    assert meas["zeroing/zeroed_count"] == 1
+    assert torch.allclose(mean["w"], torch.tensor([0.5, 0.5]))  # weight kept, value zeroed
+    frac = 1 / 2  # only the second is <= estimate 10
+    assert new_state["zeroing"]["estimate"] == pytest.approx(10.0 * math.exp(-math.log(10) * (frac - 0.98)))
+
+
+def test_zeroing_drops_non_finite_updates():
+    agg = fedzip.compression_aggregator()
+    mean, _, meas = _round(agg, agg.init(), [_vec(float("nan"), 1.0), _vec(0.1, 0.2)])
+    assert meas["zeroing/zeroed_count"] == 1
+    assert torch.isfinite(mean["w"]).all()
+
+
+def test_non_finite_update_without_zeroing_is_an_error():
+    agg = fedzip.mean()
+    with pytest.raises(NonFiniteUpdateError, match="NaN or Inf"):
+        agg.client_encode({}, _vec(float("inf")), torch.Generator())
+
+
+def test_compression_aggregator_structure_matches_tff():
+    agg = fedzip.compression_aggregator()
+    assert [type(s).__name__ for s in agg.stages] == ["Zeroing", "Clipping"]
+    zero, clip = agg.stages
+    assert (zero.norm.initial_estimate, zero.norm.target_quantile, zero.norm.multiplier,
+            zero.norm.increment) == (10.0, 0.98, 2.0, 1.0)
+    assert zero.norm.learning_rate == pytest.approx(math.log(10))
+    assert (clip.norm.initial_estimate, clip.norm.target_quantile, clip.norm.learning_rate) == (1.0, 0.8, 0.2)
+    assert math.isinf(zero.norm_order)
+    big = agg.policy.for_tensor("fc1.weight", 20_001)
+    assert isinstance(big, UniformQuantization) and big.bits == 8 and big.stochastic
+    assert agg.policy.for_tensor("fc1.bias", 20_000).tag == "f32"
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ConfigError, match="norm"):
+        fedzip.clipping(fedzip.mean(), -1.0)
+    with pytest.raises(ConfigError, match="norm_order"):
+        fedzip.zeroing(fedzip.mean(), 1.0, norm_order=3.0)
+    with pytest.raises(ConfigError, match="target_quantile"):
+        AdaptiveNorm(1.0, 1.5, 0.2)
+
+
+def test_uniform_quantizer_round_trip_and_unbiased():
+    codec = UniformQuantization(bits=8)
+    x = torch.randn(5000)
+    lo, hi = float(x.min()), float(x.max())
+    step = (hi - lo) / 255
+    g = torch.Generator().manual_seed(0)
+    y = codec.decode(codec.encode(x, g), (5000,))
+    assert (y - x).abs().max() <= step * (1 + 1e-5)
+    # unbiased: averaging many independent encodings converges to x
+    mean = sum(codec.decode(codec.encode(x, g), (5000,)) for _ in range(400)) / 400
+    # per-coordinate std of one encoding <= step/2; of the mean <= step/40
+    assert (mean - x).abs().mean() < step / 40
+    assert (y - x).abs().mean() > step / 10  # and it does quantize
+    det = UniformQuantization(bits=4, stochastic=False)
+    yd = det.decode(det.encode(x, g), (5000,))
+    assert (yd - x).abs().max() <= (hi - lo) / 15 / 2 * (1 + 1e-5)
