@@ -37,6 +37,7 @@ import torch
 
 from fedzip import tree
 from fedzip.codecs import Codec, CodecPolicy, UniformQuantization, above_threshold, as_policy
+from fedzip.codecs.base import is_finite
 from fedzip.errors import ConfigError, NonFiniteUpdateError, PayloadError, RoundFailedError
 from fedzip.payload import decode_params
 from fedzip.tree import Params
@@ -267,7 +268,7 @@ class Aggregator:
             mine = {k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)}
             update, rep = s.client(mine, update)
             reports.update({prefix + k: v for k, v in rep.items()})
-        bad = [k for k, v in update.items() if not bool(torch.isfinite(v).all())]
+        bad = [k for k, v in update.items() if not is_finite(v)]
         if bad:
             raise NonFiniteUpdateError(
                 f"update holds NaN or Inf in {', '.join(bad[:3])}"

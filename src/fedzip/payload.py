@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from fedzip.codecs import CodecPolicy
+from fedzip.codecs.base import is_finite
 from fedzip.errors import PayloadError
 from fedzip.tree import Params
 from fedzip.wire import Message, TensorRecord
@@ -40,7 +41,7 @@ def decode_params(
         if t.codec != codec.tag:
             raise PayloadError(f"tensor {t.name!r}: codec {t.codec!r}, expected {codec.tag!r}")
         value = codec.decode(t.body, shape)
-        if tuple(value.shape) != shape or not bool(torch.isfinite(value).all()):
+        if tuple(value.shape) != shape or not is_finite(value):
             raise PayloadError(f"tensor {t.name!r}: decoded to a wrong shape or non-finite values")
         out[t.name] = value
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedzip.bitpack import pack_bits, packed_size, unpack_bits
-from fedzip.codecs.base import Codec, check_finite, numel_of
+from fedzip.codecs.base import Codec, check_finite, numel_of, numpy_generator
 from fedzip.errors import ConfigError, PayloadError
 
 _RANGE = struct.Struct("<ff")
@@ -62,8 +62,7 @@ class UniformQuantization(Codec):
         v = x.detach().to("cpu", torch.float32).reshape(-1)
         levels = (1 << self.bits) - 1
         if self.range is None:
-            lo = float(v.min()) if v.numel() else 0.0
-            hi = float(v.max()) if v.numel() else 0.0
+            lo, hi = (float(t) for t in torch.aminmax(v)) if v.numel() else (0.0, 0.0)
             header = _RANGE.pack(lo, hi)
             lo, hi = _RANGE.unpack(header)  # quantize against exactly what is sent
         else:
@@ -71,14 +70,17 @@ class UniformQuantization(Codec):
             header = b""
             v = v.clamp(lo, hi)
         if hi > lo:
-            y = (v - lo) * (levels / (hi - lo))
+            # in place on one fresh buffer: this loop is the hot path of every round
+            y = v.sub(lo).mul_(levels / (hi - lo))
             if self.stochastic:
-                y = torch.floor(y + torch.rand(y.shape, generator=rng))
+                u = numpy_generator(rng).random(y.numel(), dtype=np.float32)
+                y.add_(torch.from_numpy(u)).floor_()
             else:
-                y = torch.round(y)
-            codes = y.clamp_(0, levels).to(torch.int32).numpy()
+                y.round_()
+            y.clamp_(0, levels)
+            codes = y.to(torch.uint8 if self.bits <= 8 else torch.int32).numpy()
         else:
-            codes = np.zeros(v.numel(), np.int32)
+            codes = np.zeros(v.numel(), np.uint8)
         return header + pack_bits(codes, self.bits)
 
     def decode(self, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
