@@ -35,7 +35,10 @@ def format_round(m: Mapping[str, Any]) -> str:
         ]
     for key in ("broadcasted_bits", "aggregated_bits"):
         if key in m:
-            parts.append(f"{key}={format_bits(m[key])} (total {format_bits(m.get(key + '/cumulative', m[key]))})")
+            # the total on the wire, the tensor data inside it, and the running total
+            data = f" [tensors {format_bits(m[key + '/tensors'])}]" if key + "/tensors" in m else ""
+            cum = format_bits(m.get(key + "/cumulative", m[key]))
+            parts.append(f"{key}={format_bits(m[key])}{data} (cumulative {cum})")
     if "eval/accuracy" in m:
         parts.append(f"eval_loss={m['eval/loss']:.4f} eval_accuracy={m['eval/accuracy']:.4f}")
     if m.get("clients/failed"):
