@@ -333,10 +333,30 @@ class StreamingMean:
         )
 
     def fold(self, message: Message) -> None:
-        """Add one client's update; its weight is the ``weight`` scalar."""
-        weight = message.scalars.get("weight")
+        """Add one client's update; its weight is the ``weight`` scalar.
+
+        Everything a client reports is its word, so it is checked before it
+        counts: scalars must be finite, weight and training sums non-negative;
+        a stage report is one client's 0/1 indicator, clamped to [0, 1] so a
+        lie moves an adaptive norm no more than an honest client could.
+        Nothing is added unless the whole message is valid.
+        """
+        scalars = dict(message.scalars)
+        weight = scalars.pop("weight", None)
         if weight is None or not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
+        # A client whose training diverged reports a non-finite loss honestly;
+        # its update is the stages' business (zeroing drops it), and its train
+        # metrics are left out of the round's, counted as diverged.
+        diverged = not math.isfinite(scalars.get("train/loss_sum", 0.0))
+        if diverged:
+            scalars = {k: v for k, v in scalars.items() if not k.startswith("train/")}
+            scalars["train/diverged_clients"] = 1.0
+        for k, v in scalars.items():
+            if not math.isfinite(v):
+                raise PayloadError(f"update scalar {k!r} is {v!r}; scalars must be finite")
+            if k.startswith("train/") and v < 0:
+                raise PayloadError(f"update scalar {k!r} is {v!r}; counts and sums must be >= 0")
         if not self.aggregator.weighted:
             weight = 1.0
         update = self.decode_update(message)
@@ -344,10 +364,11 @@ class StreamingMean:
             self.sums[k].add_(v.to(torch.float64), alpha=weight)
         self.weight_sum += weight
         self.count += 1
-        for k, v in message.scalars.items():
+        for k, v in scalars.items():
             # stage reports ("clipping/below") and client metrics ("train/loss_sum")
-            if k != "weight":
-                self.report_sums[k] = self.report_sums.get(k, 0.0) + v
+            if not k.startswith("train/"):
+                v = min(1.0, max(0.0, v))
+            self.report_sums[k] = self.report_sums.get(k, 0.0) + v
 
     def mean(self) -> Params:
         if self.count == 0:

@@ -1,5 +1,7 @@
 """Command line: ``fedzip tutorial`` (the seed experiment, both runs) and
-``fedzip run`` (one run from flags or a config file)."""
+``fedzip run`` (one run from flags or a config file; ``--resume DIR`` goes on
+from DIR's last good checkpoint). Bad input ends in one line,
+``fedzip: error: ...``, and exit status 2, before any training starts."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from fedzip.config import RunConfig
-from fedzip.errors import FedzipError
+from fedzip.errors import ConfigError, FedzipError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors worded as fedzip's own."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fedzip: error: {message}\n")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -28,12 +38,31 @@ def _config_from(args: argparse.Namespace, base: RunConfig) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedzip.run import run
 
-    base = RunConfig.from_file(args.config) if args.config else RunConfig()
-    config = _config_from(args, base)
-    logdir = Path(args.logdir) / config.name
-    result = run(config, logdir)
+    if args.resume is not None:
+        if args.config or args.logdir:
+            raise ConfigError("--resume DIR takes its config from DIR/run.json and writes to DIR: "
+                              "give neither --config nor --logdir with it")
+        logdir = Path(args.resume)
+        if not logdir.is_dir():
+            raise ConfigError(f"--resume: {logdir} is not a folder")
+        if not (logdir / "run.json").exists() and (logdir.parent / "run.json").exists():
+            logdir = logdir.parent  # DIR/checkpoints given
+        if not (logdir / "run.json").exists():
+            raise ConfigError(f"--resume: {logdir / 'run.json'} does not exist: not a run folder")
+        config = _config_from(args, RunConfig.from_file(logdir / "run.json"))
+    else:
+        base = RunConfig.from_file(args.config) if args.config else RunConfig()
+        config = _config_from(args, base)
+        _check_name(config.name)
+        logdir = Path(args.logdir or "runs") / config.name
+    result = run(config, logdir, resume=args.resume is not None)
     print(f"final eval: {result.final_eval}; metrics in {logdir}")
     return 0
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"name {name!r} must be a plain folder name (it becomes LOGDIR/NAME)")
 
 
 def cmd_tutorial(args: argparse.Namespace) -> int:
@@ -65,11 +94,14 @@ def cmd_tutorial(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedzip", description=__doc__)
+    parser = _Parser(prog="fedzip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="one run, from flags or --config FILE")
     p_run.add_argument("--config", help="a JSON config (e.g. a previous run's run.json)")
-    p_run.add_argument("--logdir", default="runs", help="metrics go to LOGDIR/NAME")
+    p_run.add_argument("--logdir", default=None, help="metrics go to LOGDIR/NAME (default runs/NAME)")
+    p_run.add_argument("--resume", metavar="DIR", default=None,
+                       help="go on from the last good checkpoint in DIR (a run's LOGDIR/NAME), "
+                            "with the config in DIR/run.json; flags change it (e.g. --rounds)")
     _add_config_flags(p_run)
     p_run.set_defaults(fn=cmd_run)
     p_tut = sub.add_parser("tutorial", help="the seed experiment: mean vs compression aggregator")
@@ -82,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     except FedzipError as e:
         print(f"fedzip: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a missing file, an unwritable logdir, a full disk: a message, not a traceback
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"fedzip: error:{where} {e.strerror or e}", file=sys.stderr)
+        # a path that is not there or not allowed is bad input (2); anything else, a failure (1)
+        return 2 if isinstance(e, (FileNotFoundError, PermissionError, NotADirectoryError,
+                                   IsADirectoryError, FileExistsError)) else 1
+    except KeyboardInterrupt:
+        print("fedzip: interrupted (with --checkpoint-every, `fedzip run --resume DIR` goes on)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -110,6 +111,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif ann.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
     elif ann.startswith("str"):
         ok = isinstance(value, str)
     else:

@@ -26,7 +26,9 @@ def decode_params(
     msg: Message, template: Mapping[str, tuple[int, ...]], policy: CodecPolicy
 ) -> Params:
     """Decode a message's tensors after checking names, shapes and codec tags
-    against the model; a decoded tensor must be finite and of the right shape."""
+    against the model; a decoded tensor must be finite, floating point and of
+    the right shape. Anything wrong, including a codec that raises on hostile
+    bytes, is a :class:`PayloadError` naming the tensor."""
     names = [t.name for t in msg.tensors]
     if sorted(names) != sorted(template):
         missing = sorted(set(template) - set(names))[:5]
@@ -40,8 +42,20 @@ def decode_params(
         codec = policy.for_tensor(t.name, t.numel)
         if t.codec != codec.tag:
             raise PayloadError(f"tensor {t.name!r}: codec {t.codec!r}, expected {codec.tag!r}")
-        value = codec.decode(t.body, shape)
-        if tuple(value.shape) != shape or not is_finite(value):
-            raise PayloadError(f"tensor {t.name!r}: decoded to a wrong shape or non-finite values")
+        try:
+            value = codec.decode(t.body, shape)
+        except PayloadError:
+            raise
+        except MemoryError:
+            raise PayloadError(f"tensor {t.name!r}: codec {codec.tag!r} ran out of memory decoding "
+                               f"{len(t.body)} bytes for shape {shape}") from None
+        except Exception as e:  # a codec that trips on hostile bytes: still the sender's fault
+            raise PayloadError(f"tensor {t.name!r}: codec {codec.tag!r} cannot decode its body: "
+                               f"{type(e).__name__}: {e}") from e
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PayloadError(f"tensor {t.name!r}: codec {codec.tag!r} decoded to {got}, expected {shape}")
+        if not value.is_floating_point() or not is_finite(value):
+            raise PayloadError(f"tensor {t.name!r}: decoded to non-finite or non-float values")
         out[t.name] = value
     return out

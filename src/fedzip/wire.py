@@ -103,6 +103,10 @@ def encode_message(
             raise PayloadError(f"tensor {t.name!r}: {len(t.shape)} dimensions, at most {MAX_NDIM}")
         if any(d < 0 or d > 0xFFFFFFFF for d in t.shape):
             raise PayloadError(f"tensor {t.name!r}: shape {t.shape} out of range")
+        if math.prod(t.shape) > MAX_ELEMENTS:  # what decode_message would refuse
+            raise PayloadError(f"tensor {t.name!r}: shape {t.shape} exceeds {MAX_ELEMENTS} elements")
+        if len(t.body) > 0xFFFFFFFF:
+            raise PayloadError(f"tensor {t.name!r}: body of {len(t.body)} bytes, at most 2^32 - 1")
         parts += [
             _U16.pack(len(raw)),
             raw,
@@ -145,6 +149,8 @@ def decode_message(data: bytes | bytearray | memoryview, expect: Kind | None = N
             raise PayloadError(f"tensor {name!r} appears twice")
         seen.add(name)
         tag_len = reader.byte(f"tensor {name!r} codec length")
+        if tag_len == 0:
+            raise PayloadError(f"tensor {name!r}: empty codec tag")
         try:
             codec = bytes(reader.take(tag_len, f"tensor {name!r} codec")).decode("ascii")
         except UnicodeDecodeError:

@@ -21,6 +21,7 @@ keeps that state in its own state keyed by client id, never in globals.
 from __future__ import annotations
 
 import abc
+import struct
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,8 +58,14 @@ class Codec(abc.ABC):
         """Encode with the client's state; returns the bytes and the new state."""
         return self.encode(x, rng), state
 
+    def max_encoded_size(self, shape: tuple[int, ...]) -> int:
+        """An upper bound on ``len(encode(x))`` for ``x`` of ``shape``: what a
+        lossless stage after this codec may decompress to at most. Generous by
+        default (twice float64); codecs may tighten it."""
+        return 16 * numel_of(shape) + 4096
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "tag")
         return f"{type(self).__name__}({fields})"
 
 
@@ -94,6 +101,96 @@ def to_numpy_f32(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
 
 
+def flat_input(x: torch.Tensor, what: str = "tensor") -> torch.Tensor:
+    """``x`` checked finite, as a contiguous 1-D float32 CPU tensor (CUDA input is moved)."""
+    check_finite(x, what)
+    return x.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+
+
+def draw_seed(rng: torch.Generator) -> int:
+    """A 32-bit seed drawn from ``rng``: what travels in the bytes for the
+    decoder to regenerate the same randomness."""
+    return int(torch.randint(0, 2**32, (1,), generator=rng, dtype=torch.int64))
+
+
+def norm64(v: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norm accumulated in float64: no overflow for values up to 1e150."""
+    if dim is None:
+        return torch.linalg.vector_norm(v, dtype=torch.float64)
+    return torch.linalg.vector_norm(v, dim=dim, dtype=torch.float64)
+
+
+def f32_at_least(values: np.ndarray | float) -> np.ndarray:
+    """float32 values rounded up (away from zero for positives): a norm sent as
+    float32 never ends up below the true norm."""
+    v64 = np.asarray(values, np.float64)
+    v32 = v64.astype(np.float32)
+    low = v32.astype(np.float64) < v64
+    if low.any():
+        v32 = np.where(low, np.nextafter(v32, np.float32(np.inf)), v32).astype(np.float32)
+    return v32
+
+
+def finite_output(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """The decoded tensor as float32 of ``shape``; a PayloadError if the bytes
+    decoded to NaN or Inf (finite inputs never do: only forged side info can)."""
+    t = t.to(torch.float32).reshape(shape)
+    if not is_finite(t):
+        raise PayloadError(f"{what}: decoded values are not finite (forged scale or levels)")
+    return t
+
+
+class Reader:
+    """A cursor over untrusted bytes that checks every length before slicing."""
+
+    def __init__(self, data: bytes | memoryview, what: str) -> None:
+        self.view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int, field: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.view):
+            raise PayloadError(
+                f"{self.what}: {field} needs {n} bytes at offset {self.pos}, {len(self.view) - self.pos} left"
+            )
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, field: str) -> tuple:
+        s = struct.Struct("<" + fmt)
+        return s.unpack(self.take(s.size, field))
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u32(self, field: str) -> int:
+        return self.unpack("I", field)[0]
+
+    def f32(self, field: str, positive: bool = False) -> float:
+        v = self.unpack("f", field)[0]
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise PayloadError(f"{self.what}: {field} is {v}, expected a finite{' positive' if positive else ''} value")
+        return v
+
+    def f32_array(self, n: int, field: str) -> np.ndarray:
+        arr = np.frombuffer(self.take(4 * n, field), dtype="<f4").astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise PayloadError(f"{self.what}: {field} holds non-finite values")
+        return arr
+
+    @property
+    def left(self) -> int:
+        return len(self.view) - self.pos
+
+    def rest(self) -> memoryview:
+        return self.take(self.left, "rest")
+
+    def done(self) -> None:
+        if self.pos != len(self.view):
+            raise PayloadError(f"{self.what}: {len(self.view) - self.pos} unexpected trailing bytes")
+
+
 def numel_of(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -108,7 +205,10 @@ def expect_length(data: bytes | memoryview, expected: int, what: str) -> None:
 
 
 class Float32(Codec):
-    """No compression: the tensor's float32 values, little-endian (32 bits each)."""
+    """No compression: the tensor's float32 values, little-endian (32 bits each).
+
+    The baseline of every paper in this package. NaN or Inf in the bytes is
+    rejected (no finite input encodes to it)."""
 
     tag = "f32"
     unbiased = True
@@ -121,4 +221,7 @@ class Float32(Codec):
         n = numel_of(shape)
         expect_length(data, 4 * n, "float32 tensor")
         arr = np.frombuffer(data, dtype="<f4").astype(np.float32)
-        return torch.from_numpy(arr).reshape(shape)
+        return finite_output(torch.from_numpy(arr), shape, "float32 tensor")
+
+    def max_encoded_size(self, shape: tuple[int, ...]) -> int:
+        return 4 * numel_of(shape)

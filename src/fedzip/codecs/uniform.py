@@ -8,6 +8,12 @@ tensor's own min and max, sent as two float32 (64 bits per tensor), which is
 what TFF's ``compression_aggregator`` does with 8 bits. Codes are bit-packed:
 ``ceil(n * b / 8)`` bytes.
 
+It is a :class:`~fedzip.codecs.symbols.SymbolCodec`: the codes are its
+symbols and ``(lo, hi)`` its side information, so
+``EntropyCoded(UniformQuantization(8))`` codes them with ANS, and
+``RandomRotation(UniformQuantization(b))`` is the rotated variant of Suresh
+et al.
+
 Reference: Suresh, Yu, Kumar, McMahan, "Distributed Mean Estimation with
 Limited Communication", ICML 2017 (stochastic uniform quantization); Konečný
 et al., "Federated Learning: Strategies for Improving Communication
@@ -22,13 +28,14 @@ import numpy as np
 import torch
 
 from fedzip.bitpack import pack_bits, packed_size, unpack_bits
-from fedzip.codecs.base import Codec, check_finite, numel_of, numpy_generator
+from fedzip.codecs.base import Reader, check_finite, finite_output, numel_of, numpy_generator
+from fedzip.codecs.symbols import Side, SymbolCodec, Symbols
 from fedzip.errors import ConfigError, PayloadError
 
 _RANGE = struct.Struct("<ff")
 
 
-class UniformQuantization(Codec):
+class UniformQuantization(SymbolCodec):
     """``bits``-bit uniform quantization (1 to 16 bits).
 
     Args:
@@ -36,6 +43,8 @@ class UniformQuantization(Codec):
         stochastic: unbiased stochastic rounding (True) or round to nearest.
         range: a fixed ``(lo, hi)`` known to both sides (values are clipped to
             it and no range is sent), or None for the tensor's min/max.
+
+    Bytes: ``lo, hi`` (2 x f32, unless ``range`` is fixed) | ``bits``-bit codes.
     """
 
     tag = "uq"
@@ -57,7 +66,7 @@ class UniformQuantization(Codec):
         # Unbiased only with stochastic rounding and a range that never clips.
         return self.stochastic and self.range is None
 
-    def encode(self, x: torch.Tensor, rng: torch.Generator) -> bytes:
+    def _codes(self, x: torch.Tensor, rng: torch.Generator) -> tuple[bytes, np.ndarray, float, float]:
         check_finite(x)
         v = x.detach().to("cpu", torch.float32).reshape(-1)
         levels = (1 << self.bits) - 1
@@ -81,7 +90,30 @@ class UniformQuantization(Codec):
             codes = y.to(torch.uint8 if self.bits <= 8 else torch.int32).numpy()
         else:
             codes = np.zeros(v.numel(), np.uint8)
+        return header, codes, lo, hi
+
+    def encode(self, x: torch.Tensor, rng: torch.Generator) -> bytes:
+        header, codes, _, _ = self._codes(x, rng)
         return header + pack_bits(codes, self.bits)
+
+    def quantize(self, x: torch.Tensor, rng: torch.Generator) -> Symbols:
+        header, codes, lo, hi = self._codes(x, rng)
+        return Symbols(codes, header, Side(len(codes), 1 << self.bits, (lo, hi)))
+
+    def read_side(self, reader: Reader, shape: tuple[int, ...]) -> Side:
+        if self.range is None:
+            lo, hi = reader.unpack("ff", "range")
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+                raise PayloadError(f"quantized tensor: invalid range ({lo}, {hi})")
+        else:
+            lo, hi = self.range
+        return Side(numel_of(shape), 1 << self.bits, (lo, hi))
+
+    def dequantize(self, symbols: np.ndarray, side: Side, shape: tuple[int, ...]) -> torch.Tensor:
+        lo, hi = side.info
+        levels = (1 << self.bits) - 1
+        codes = torch.from_numpy(symbols.astype(np.float32))
+        return (codes * np.float32((hi - lo) / levels) + np.float32(lo)).reshape(shape)
 
     def decode(self, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
         n = numel_of(shape)
@@ -89,12 +121,9 @@ class UniformQuantization(Codec):
         expected = head + packed_size(n, self.bits)
         if len(data) != expected:
             raise PayloadError(f"{self.bits}-bit quantized tensor: expected {expected} bytes, got {len(data)}")
-        if self.range is None:
-            lo, hi = _RANGE.unpack(data[:head])
-            if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-                raise PayloadError(f"quantized tensor: invalid range ({lo}, {hi})")
-        else:
-            lo, hi = self.range
-        codes = torch.from_numpy(unpack_bits(data[head:], self.bits, n).astype(np.float32))
-        levels = (1 << self.bits) - 1
-        return (codes * np.float32((hi - lo) / levels) + np.float32(lo)).reshape(shape)
+        side = self.read_side(Reader(data[:head], self.tag), shape)
+        codes = unpack_bits(data[head:], self.bits, n)
+        return finite_output(self.dequantize(codes, side, shape), shape, "quantized tensor")
+
+    def max_encoded_size(self, shape: tuple[int, ...]) -> int:
+        return _RANGE.size + packed_size(numel_of(shape), self.bits)
