@@ -23,7 +23,7 @@ import torch
 from fakes import TensorClients
 
 import fedzip
-from fedzip.codecs import Codec, UniformQuantization
+from fedzip.codecs import ErrorFeedback, UniformQuantization
 from fedzip.config import RunConfig
 from fedzip.data.federated import ClientExamples
 from fedzip.errors import ConfigError
@@ -184,29 +184,9 @@ def test_lazy_h5_data_reads_only_the_sampled_clients(h5_clients, tmp_path):
     assert all(m["clients/succeeded"] == 5 for m in hist)
 
 
-class ErrorFeedbackF16(Codec):
-    """float16 with error feedback: a stateful codec (a residual per client)."""
-
-    tag = "ef16"
-
-    def init_client_state(self, shape):
-        return torch.zeros(shape)
-
-    def encode_stateful(self, x, rng, state):
-        y = x + state
-        q = y.to(torch.float16)
-        return q.numpy().tobytes(), y - q.float()
-
-    def encode(self, x, rng):
-        return x.to(torch.float16).numpy().tobytes()
-
-    def decode(self, data, shape):
-        return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32)).reshape(shape)
-
-
 def test_client_states_are_bounded_least_recently_used_first():
     data = TensorClients(n_clients=12, per_client=4)
-    fa = _fedavg(fedzip.mean(ErrorFeedbackF16()), max_client_states=6)
+    fa = _fedavg(fedzip.mean(ErrorFeedback(UniformQuantization(bits=2))), max_client_states=6)
     state = fa.init()
     for r in range(1, 6):
         ids = fedzip.sample_clients(data.client_ids, 4, r, 0)

@@ -91,10 +91,12 @@ class JsonlWriter:
 class TensorBoardWriter:
     """Scalars under ``logdir``; runs in sibling folders show as separate curves."""
 
-    def __init__(self, logdir: str | Path) -> None:
+    def __init__(self, logdir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        self._w = SummaryWriter(log_dir=str(logdir))
+        # purge_step: on resume, TensorBoard hides events from that step on, so
+        # each round appears once
+        self._w = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
     def write(self, metrics: Mapping[str, Any]) -> None:
         step = int(metrics["round"])

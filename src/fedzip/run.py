@@ -18,7 +18,6 @@ global RNG states are restored too, for models that draw from them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -192,7 +191,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
         # resumed (or repeated) run's curves have each round once
         had_events = any(p.name.startswith("events.out.tfevents") for p in logdir.iterdir())
         purge = state.round + 1 if (resume or had_events) else None
-        writers += [JsonlWriter(logdir / "metrics.jsonl"), _tensorboard(logdir, purge)]
+        writers += [JsonlWriter(logdir / "metrics.jsonl"), TensorBoardWriter(logdir, purge_step=purge)]
     out = MultiWriter(writers)
 
     if resumed is not None:
@@ -320,16 +319,6 @@ def _exclusive(logdir: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _tensorboard(logdir: Path, purge_step: int | None) -> TensorBoardWriter:
-    if purge_step is None:
-        return TensorBoardWriter(logdir)
-    if "purge_step" in inspect.signature(TensorBoardWriter).parameters:
-        return TensorBoardWriter(logdir, purge_step=purge_step)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = TensorBoardWriter.__new__(TensorBoardWriter)  # until metrics.py takes purge_step
-    writer._w = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
-    return writer
 
 
 def _test_hook(phase: str, round_num: int) -> None:

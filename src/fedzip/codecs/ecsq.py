@@ -88,11 +88,11 @@ class GaussianECSQ(SymbolCodec):
         prob, cent = _tables(step, kmax)
         q = torch.from_numpy(cent)[sym.long()]  # unscaled reconstruction levels
         z = rows * (inv * step)[:, None]
-        zq = (z * q).sum(1, dtype=torch.float64)
+        zq = (z * q).sum(1).double()
         if self.unbiased_scale:
             scale = torch.where(zq > 0, sigma * n / zq, torch.zeros_like(zq))
         else:
-            qq = (q * q).sum(1, dtype=torch.float64)
+            qq = (q * q).sum(1).double()
             scale = torch.where(qq > 0, sigma * zq / qq, torch.zeros_like(zq))
         s32 = scale.numpy().astype("<f4")
         side = Side(r * n, 2 * kmax + 1, (step, kmax, s32.astype(np.float32)), prob)

@@ -33,16 +33,24 @@ from fedzip.errors import ConfigError, PayloadError
 
 class Bucketizer:
     """Maps values to the index of their cell among sorted ``boundaries``
-    (count of boundaries strictly below the value) with two table lookups,
-    several times faster than a binary search: bins narrower than half the
-    smallest gap hold at most one boundary between two neighbours."""
+    (the count of boundaries strictly below the value).
+
+    Symmetric boundaries, at most 15 of them (4 bits), are counted with a
+    comparison per positive boundary on ``|z|``; more use two table lookups
+    (bins narrower than half the smallest gap hold at most one boundary
+    between two neighbours). Both are several times faster than a binary
+    search (``torch.bucketize``).
+    """
 
     def __init__(self, boundaries: np.ndarray) -> None:
         b = np.asarray(boundaries, np.float64)
         self.boundaries = b.astype(np.float32)
-        if len(b) == 0:
-            self.lo, self.inv, self.lut, self.nb = 0.0, 1.0, np.zeros(1, np.int32), 1
-            self.ext = np.array([np.inf], np.float32)
+        self.k = len(b) + 1
+        mid = len(b) // 2
+        symmetric = len(b) % 2 == 1 and bool(np.allclose(b, -b[::-1])) and b[mid] == 0
+        self.positive: list[float] | None = None
+        if symmetric and len(b) <= 15:
+            self.positive = [float(v) for v in self.boundaries[mid + 1 :]]
             return
         gap = float(np.diff(b).min()) if len(b) > 1 else 1.0
         lo, hi = float(b[0]) - 1.0, float(b[-1]) + 1.0
@@ -53,11 +61,27 @@ class Bucketizer:
         self.ext = np.append(self.boundaries, np.float32(np.inf))
 
     def __call__(self, z: torch.Tensor) -> np.ndarray:
-        """Cell indices of the float32 values ``z`` (as int32 numpy)."""
+        """Cell indices of the float32 values ``z`` (uint8 up to 256 cells, else int32)."""
+        if self.positive is not None:  # numpy: its comparisons are ~6x faster than torch's
+            zn = z.numpy()
+            sign = (zn > 0).view(np.uint8)
+            if not self.positive:  # one bit: the sign
+                return sign.copy()
+            a = np.abs(zn)
+            m = (a > self.positive[0]).view(np.uint8).copy()
+            for bnd in self.positive[1:]:
+                m += (a > bnd).view(np.uint8)
+            # z > 0: cell half + m; otherwise half - 1 - m; as half - 1 - m + sign * (2m + 1)
+            out = m * np.uint8(2)
+            out += np.uint8(1)
+            out *= sign
+            out += np.uint8(self.k // 2 - 1)
+            out -= m
+            return out
         t = z.sub(self.lo).mul_(self.inv).sub_(0.5).clamp_(0, self.nb - 1).to(torch.int32).numpy()
         s = self.lut[t]
         s += z.numpy() > self.ext[s]
-        return s
+        return s.astype(np.uint8) if self.k <= 256 else s
 
 
 @functools.cache
@@ -112,14 +136,14 @@ class GaussianLloydMax(SymbolCodec):
         z = rows * inv[:, None]
         sym = bucket(z.reshape(-1))
         q = torch.from_numpy(cent[sym]).view(r, n)
-        zq = (z * q).sum(1, dtype=torch.float64)  # <z, c>
+        zq = (z * q).sum(1).double()  # <z, c>: O(1) terms, float32 is exact enough
         if self.unbiased_scale:
             scale = torch.where(zq > 0, sigma * n / zq, torch.zeros_like(zq))
         else:
-            qq = (q * q).sum(1, dtype=torch.float64)
+            qq = (q * q).sum(1).double()
             scale = torch.where(qq > 0, sigma * zq / qq, torch.zeros_like(zq))
         s32 = scale.numpy().astype("<f4")
-        symbols = sym.astype(np.uint8)
+        symbols = sym.astype(np.uint8, copy=False)
         side = Side(r * n, 1 << self.bits, s32.astype(np.float32), lloyd_max_probabilities(self.bits))
         return Symbols(symbols, s32.tobytes(), side)
 
