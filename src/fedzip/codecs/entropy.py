@@ -166,7 +166,8 @@ class EntropyCoded(SymbolCodec):
         return finite_output(self.inner.dequantize(symbols, side, shape), shape, self.tag)
 
     def max_encoded_size(self, shape: tuple[int, ...]) -> int:
-        return self.inner.max_encoded_size(shape) + 1
+        # the mode byte, a frequency table (at most ~3 bytes a symbol) and the ANS stream's end
+        return self.inner.max_encoded_size(shape) + 3 * MAX_ALPHABET + 64
 
     # -- the symbol stream ---------------------------------------------------
 

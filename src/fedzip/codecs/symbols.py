@@ -88,9 +88,6 @@ class SymbolCodec(Codec):
         symbols = unpack_symbols(r.rest(), side.alphabet, side.count)
         return finite_output(self.dequantize(symbols, side, shape), shape, self.tag)
 
-    def max_encoded_size(self, shape: tuple[int, ...]) -> int:
-        return super().max_encoded_size(shape)
-
 
 def plain_size(side_bytes: bytes, side: Side) -> int:
     """Bytes of the plain (packed) encoding of quantized symbols."""
