@@ -52,7 +52,7 @@ from fedzip import codecs as codecs_mod
 from fedzip.codecs import Codec, UniformQuantization, as_policy
 from fedzip.errors import PayloadError
 from fedzip.payload import decode_params, encode_params
-from fedzip.wire import MAGIC, VERSION, Kind, decode_message, encode_message
+from fedzip.wire import MAGIC, VERSION, Kind, decode_message, encode_message, integer_fields
 
 TEMPLATE = {
     "conv.weight": (8, 1, 5, 5),
@@ -147,26 +147,6 @@ def valid_messages(codec: Codec, seed: int) -> tuple[bytes, bytes]:
 # --------------------------------------------------------------------------
 
 
-def fields(data: bytes) -> list[tuple[int, int]]:
-    out = [(4, 1), (5, 1), (6, 2), (8, 2)]
-    n_scalars, n_tensors = struct.unpack_from("<HH", data, 6)
-    pos = 10
-    for _ in range(n_scalars):
-        out.append((pos, 1))
-        pos += 1 + data[pos] + 8
-    for _ in range(n_tensors):
-        out.append((pos, 2))
-        pos += 2 + struct.unpack_from("<H", data, pos)[0]
-        out.append((pos, 1))
-        pos += 1 + data[pos]
-        out.append((pos, 1))
-        ndim = data[pos]
-        pos += 1
-        out += [(pos + 4 * i, 4) for i in range(ndim)]
-        pos += 4 * ndim
-        out.append((pos, 4))
-        pos += 4 + struct.unpack_from("<I", data, pos)[0]
-    return out
 
 
 def mutate(data: bytes, rng: random.Random, donors: list[bytes]) -> bytes:
@@ -181,7 +161,7 @@ def mutate(data: bytes, rng: random.Random, donors: list[bytes]) -> bytes:
             buf[rng.randrange(n)] = rng.randrange(256)
         elif op == "field":
             try:
-                spots = fields(bytes(buf))
+                spots = integer_fields(bytes(buf))
             except (struct.error, IndexError):
                 spots = []
             if spots:

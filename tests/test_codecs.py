@@ -16,15 +16,7 @@ from fedzip.codecs.rotation import fwht, rotate, unrotate
 from fedzip.errors import ConfigError, NonFiniteUpdateError, PayloadError
 from fedzip.testing import check_compressor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Codec work is many short torch ops: on a shared 2-core machine, OpenMP
-    barriers between two threads cost more than they save. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def builtin() -> dict[str, C.Codec]:

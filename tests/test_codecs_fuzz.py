@@ -23,15 +23,7 @@ from fedzip.bitpack import (
 )
 from fedzip.errors import PayloadError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Codec work is many short torch ops: on a shared 2-core machine, OpenMP
-    barriers between two threads cost more than they save. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,

@@ -35,6 +35,7 @@ from fedzip.wire import (
     bit_account,
     decode_message,
     encode_message,
+    integer_fields,
 )
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -105,29 +106,6 @@ def valid_broadcast(name: str) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def fields(data: bytes) -> list[tuple[int, int]]:
-    """(offset, size) of every integer field of a valid message (counts, lengths,
-    dims, version, kind): the places where a lie does the most damage."""
-    out = [(4, 1), (5, 1), (6, 2), (8, 2)]
-    n_scalars, n_tensors = struct.unpack_from("<HH", data, 6)
-    pos = 10
-    for _ in range(n_scalars):
-        out.append((pos, 1))
-        pos += 1 + data[pos] + 8
-    for _ in range(n_tensors):
-        out.append((pos, 2))
-        pos += 2 + struct.unpack_from("<H", data, pos)[0]
-        out.append((pos, 1))
-        pos += 1 + data[pos]
-        out.append((pos, 1))
-        ndim = data[pos]
-        pos += 1
-        out += [(pos + 4 * i, 4) for i in range(ndim)]
-        pos += 4 * ndim
-        out.append((pos, 4))
-        pos += 4 + struct.unpack_from("<I", data, pos)[0]
-    assert pos == len(data)
-    return out
 
 
 @st.composite
@@ -144,7 +122,7 @@ def mutated(draw, data: bytes) -> bytes:
             buf[draw(st.integers(0, n - 1))] = draw(st.integers(0, 255))
         elif kind == "field":
             try:
-                spots = fields(bytes(buf))
+                spots = integer_fields(bytes(buf))
             except (struct.error, IndexError, AssertionError):
                 spots = []
             if spots:

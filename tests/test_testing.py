@@ -11,15 +11,7 @@ from fedzip.codecs.base import check_finite, numel_of
 from fedzip.errors import PayloadError
 from fedzip.testing import ContractReport, check_compressor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Codec work is many short torch ops: on a shared 2-core machine, OpenMP
-    barriers between two threads cost more than they save. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bf16_bytes(x):

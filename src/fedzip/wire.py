@@ -178,6 +178,31 @@ def bit_account(message: Message) -> BitAccount:
     return BitAccount(total, total - scalar_bits - tensor_bits, scalar_bits, tensor_bits, per_tensor)
 
 
+def integer_fields(data: bytes) -> list[tuple[int, int]]:
+    """``(offset, size)`` of every integer field of a *valid* message (version,
+    kind, counts, name and tag lengths, dims, body lengths): where a lie does
+    the most damage, so where fuzzers mutate."""
+    out = [(4, 1), (5, 1), (6, 2), (8, 2)]
+    n_scalars, n_tensors = struct.unpack_from("<HH", data, 6)
+    pos = _HEADER.size
+    for _ in range(n_scalars):
+        out.append((pos, 1))
+        pos += 1 + data[pos] + 8
+    for _ in range(n_tensors):
+        out.append((pos, 2))
+        pos += 2 + struct.unpack_from("<H", data, pos)[0]
+        out.append((pos, 1))
+        pos += 1 + data[pos]
+        out.append((pos, 1))
+        ndim = data[pos]
+        pos += 1
+        out += [(pos + 4 * i, 4) for i in range(ndim)]
+        pos += 4 * ndim
+        out.append((pos, 4))
+        pos += 4 + struct.unpack_from("<I", data, pos)[0]
+    return out
+
+
 def _name_bytes(name: str, limit: int) -> bytes:
     raw = name.encode("utf-8")
     if not 0 < len(raw) <= min(limit, MAX_NAME_BYTES):
