@@ -15,6 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -25,7 +26,7 @@ from fakes import TensorClients
 import fedzip
 from fedzip.codecs import ErrorFeedback, UniformQuantization
 from fedzip.config import RunConfig
-from fedzip.data.federated import ClientExamples
+from fedzip.data.h5 import H5ClientData
 from fedzip.errors import ConfigError
 from fedzip.execution import LocalExecutor, RayExecutor, make_executor, ray_available
 
@@ -88,31 +89,21 @@ class Faulty:
 # --------------------------------------------------------------------------
 
 
-class CountingH5:
-    """One group per client; opened on first read, in whichever process reads."""
+class LoggedH5(H5ClientData):
+    """fedzip's lazy HDF5 reader, logging each client read to a file (so reads
+    in Ray workers, on their own copies of the object, count too)."""
 
     def __init__(self, path: Path, log: Path) -> None:
-        self.path, self.log = str(path), str(log)
-        with h5py.File(self.path, "r") as f:
-            self._ids = sorted(f["examples"])
-        self._f = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_f": None}
-
-    @property
-    def client_ids(self):
-        return self._ids
+        super().__init__(path, num_classes=10)
+        self.log = str(log)
 
     def client(self, client_id):
-        if self._f is None:
-            self._f = h5py.File(self.path, "r")
-        g = self._f["examples"][client_id]
+        ex = super().client(client_id)
         with open(self.log, "a") as fh:
             fh.write(client_id + "\n")
-        return ClientExamples(torch.from_numpy(g["pixels"][()]), torch.from_numpy(g["label"][()]).long())
+        return ex
 
-    def reads(self) -> list[str]:
+    def logged(self) -> list[str]:
         p = Path(self.log)
         return p.read_text().split() if p.exists() else []
 
@@ -122,10 +113,10 @@ def h5_clients(tmp_path_factory):
     path = tmp_path_factory.mktemp("h5") / "clients.h5"
     rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        for i in range(2000):
+        for i in range(2000):  # TFF's federated EMNIST layout
             g = f.create_group(f"examples/u{i:04d}")
             g["pixels"] = rng.random((4, 28, 28), dtype=np.float32)
-            g["label"] = rng.integers(0, 10, 4)
+            g["label"] = rng.integers(0, 10, 4).astype(np.int32)
     return path
 
 
@@ -175,12 +166,12 @@ def test_server_folds_each_result_as_it_arrives_and_shares_the_broadcast():
 
 
 def test_lazy_h5_data_reads_only_the_sampled_clients(h5_clients, tmp_path):
-    data = CountingH5(h5_clients, tmp_path / "reads.log")
+    data = LoggedH5(h5_clients, tmp_path / "reads.log")
     assert len(pickle.dumps(data)) < 50_000  # ids and a path, not the examples
     fa = _fedavg(executor=LocalExecutor())
     _, hist = _run(fa, data, rounds=2, per_round=5)
     sampled = sorted(c for r in (1, 2) for c in fedzip.sample_clients(data.client_ids, 5, r, 0))
-    assert sorted(data.reads()) == sampled  # 10 of 2,000 clients read, each once
+    assert data.reads == 10 and sorted(data.logged()) == sampled  # 10 of 2,000 clients, once each
     assert all(m["clients/succeeded"] == 5 for m in hist)
 
 
@@ -230,6 +221,22 @@ def ray_executor(ray_session):
     ex = RayExecutor(num_workers=2, threads=1)
     yield ex
     ex.close()
+
+
+@needs_ray
+def test_run_with_backend_ray_end_to_end(ray_session):
+    """``fedzip run --backend ray``: the config's executor runs the rounds and is
+    closed at the end (its workers freed for the tests below)."""
+    from fedzip.run import run
+
+    info = SimpleNamespace(name="fake", description="fake clients", num_classes=10, pixels="28x28")
+    data = (TensorClients(6, 10, seed=1), TensorClients(2, 10, seed=2), info)
+    cfg = RunConfig(rounds=2, clients_per_round=3, batch_size=5, backend="ray", num_workers=2)
+    res = run(cfg, data=data, console=False)
+    local = run(cfg.replace(backend="local"), data=data, console=False)
+    assert [m["clients/succeeded"] for m in res.history] == [3, 3] and "loss" in res.final_eval
+    for k, v in local.state.params.items():  # the same up to the thread count (see execution.py)
+        torch.testing.assert_close(res.state.params[k], v, rtol=0, atol=1e-5)
 
 
 @needs_ray
@@ -324,10 +331,10 @@ def test_failing_and_crashing_clients_are_reported_and_the_round_goes_on(ray_exe
 
 @needs_ray
 def test_ray_reads_only_the_sampled_clients(ray_executor, h5_clients, tmp_path):
-    data = CountingH5(h5_clients, tmp_path / "ray_reads.log")
+    data = LoggedH5(h5_clients, tmp_path / "ray_reads.log")
     _, hist = _run(_fedavg(executor=ray_executor), data, rounds=2, per_round=6)
     sampled = sorted(c for r in (1, 2) for c in fedzip.sample_clients(data.client_ids, 6, r, 0))
-    assert sorted(data.reads()) == sampled
+    assert sorted(data.logged()) == sampled and data.reads == 0  # read on the workers only
     assert all(m["clients/succeeded"] == 6 for m in hist)
 
 

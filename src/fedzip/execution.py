@@ -212,6 +212,12 @@ class RayExecutor:
             replaced, and the client reported failed (None: no limit).
         startup_timeout: seconds to wait for the workers to start.
         runtime_env: passed to ``ray.init`` when this executor calls it.
+        object_store_memory: bytes of Ray's shared-memory object store when
+            this executor starts Ray locally (default 1 GiB; None: Ray's
+            default, 30% of the RAM). The store holds the broadcast, the
+            payload and results in flight; its pages count in the resident
+            memory of every process that touched them, so an unbounded store
+            shows as memory creeping up over a long run until it is full.
 
     The broadcast bytes of the round's tasks (a ``broadcast`` field of a
     dataclass task, shared by every task) go to the object store once per
@@ -229,6 +235,7 @@ class RayExecutor:
         task_timeout: float | None = None,
         startup_timeout: float = 300.0,
         runtime_env: dict[str, Any] | None = None,
+        object_store_memory: int | None = 2**30,
     ) -> None:
         if not ray_available():
             raise ConfigError("the Ray backend needs Ray: pip install 'fedzip[ray]'")
@@ -251,6 +258,7 @@ class RayExecutor:
         self.task_timeout = task_timeout
         self.startup_timeout = startup_timeout
         self.runtime_env = runtime_env
+        self.object_store_memory = object_store_memory
         self._owns_ray = False
         self._slots: list[_Slot] = []
         self._payload_of: tuple[Any, Any] | None = None
@@ -298,6 +306,8 @@ class RayExecutor:
             if self.address is not None:
                 ray.init(address=self.address, **kw)
             else:
+                if self.object_store_memory is not None:
+                    kw["object_store_memory"] = self.object_store_memory
                 ray.init(num_cpus=self.num_workers * self.threads, include_dashboard=False, **kw)
             self._owns_ray = True
         return ray
@@ -337,7 +347,15 @@ class RayExecutor:
             from ray import cloudpickle
 
             self._payload_ref = None
-            self._payload_ref = ray.put(cloudpickle.dumps((work, data), protocol=5))
+            blob = cloudpickle.dumps((work, data), protocol=5)
+            try:
+                self._payload_ref = ray.put(blob)
+            except ray.exceptions.ObjectStoreFullError as e:
+                raise RoundFailedError(
+                    f"the client work and data pickle to {len(blob) / 2**20:.0f} MiB, more than Ray's "
+                    "object store holds: use a lazy data set (e.g. H5ClientData) or a larger "
+                    f"object_store_memory ({_one_line(e)})"
+                ) from None
             self._payload_of = (work, data)
             self.stats["payload_shipments"] += 1
             for s in self._slots:
