@@ -175,6 +175,14 @@ def test_lazy_h5_data_reads_only_the_sampled_clients(h5_clients, tmp_path):
     assert all(m["clients/succeeded"] == 5 for m in hist)
 
 
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
 def test_client_states_are_bounded_least_recently_used_first():
     data = TensorClients(n_clients=12, per_client=4)
     fa = _fedavg(fedzip.mean(ErrorFeedback(UniformQuantization(bits=2))), max_client_states=6)
@@ -184,6 +192,8 @@ def test_client_states_are_bounded_least_recently_used_first():
         state, m = fa.next(state, data, ids)
         kept = state.aggregator_state["client_states"]
         assert len(kept) == m["aggregator/client_states"] <= 6
+        residual_bytes = sum(t.numel() * 4 for st in kept.values() for t in _tensors(st))
+        assert m["aggregator/client_state_bytes"] == residual_bytes > 0
         assert set(ids) <= set(kept)  # this round's clients are the most recent
         assert list(kept)[-4:] == list(ids)
     with pytest.raises(ConfigError, match="max_client_states"):
@@ -192,10 +202,14 @@ def test_client_states_are_bounded_least_recently_used_first():
 
 def test_make_executor_from_config():
     assert isinstance(make_executor(RunConfig()), LocalExecutor)
+    assert make_executor(RunConfig(threads=1)).threads == 1
+    with pytest.raises(ConfigError, match="threads"):
+        RunConfig(threads=0)
     if ray_available():
         ex = make_executor(RunConfig(backend="ray", num_workers=3))
         assert isinstance(ex, RayExecutor) and ex.num_workers == 3 and ex.threads >= 1
         ex.close()  # never started: nothing to stop
+        assert make_executor(RunConfig(backend="ray", threads=3)).threads == 3
 
 
 # --------------------------------------------------------------------------

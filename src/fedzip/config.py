@@ -47,6 +47,7 @@ class RunConfig:
     backend: str = "local"
     ray_address: str | None = None
     num_workers: int = 2
+    threads: int | None = None
     checkpoint_every: int = 0
     name: str = "run"
 
@@ -60,6 +61,8 @@ class RunConfig:
         for name in ("client_lr", "server_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {self.threads!r}")
         if self.min_clients is not None and self.min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1 or null, got {self.min_clients!r}")
         if self.backend not in ("local", "ray"):

@@ -228,7 +228,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
 # Fields a resumed run may change: how long it runs, how often it checkpoints and
 # evaluates, where client work runs. Anything else would make it a different run.
 RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "eval_every", "eval_batch_size", "name", "backend",
-                     "ray_address", "num_workers")
+                     "ray_address", "num_workers", "threads")
 
 
 def _check_resumable(ck: checkpoint.Checkpoint, config: RunConfig, fresh: ServerState) -> None:
@@ -338,7 +338,7 @@ def _test_hook(phase: str, round_num: int) -> None:
 
 
 def _executor(config: RunConfig):
-    if config.backend == "local":
+    if config.backend == "local" and config.threads is None:
         return None
     from fedzip.execution import make_executor  # the Ray backend lives there
 

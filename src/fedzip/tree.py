@@ -4,6 +4,8 @@ with the few operations federated averaging needs."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -47,3 +49,17 @@ def all_finite(p: Params) -> bool:
 
 def shapes(p: Params) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in p.items()}
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes held by the tensors, arrays and byte strings in a nested structure
+    of dicts, lists and tuples (what a per-client state costs in memory)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    return int(getattr(obj, "nbytes", 0))

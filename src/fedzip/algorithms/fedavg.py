@@ -297,7 +297,10 @@ class WeightedFedAvg:
             "aggregated_bits/scalars": up["scalars"],
             "aggregated_bits/framing": up["framing"],
             **{f"aggregator/{k}": v for k, v in measurements.items()},
+            # per-client state (error-feedback residuals, warm starts): bounded by
+            # max_client_states, and its memory reported so growth is visible
             "aggregator/client_states": len(agg_state.get("client_states", ())),
+            "aggregator/client_state_bytes": tree.nbytes(agg_state.get("client_states", {})),
         }
         if failures:
             metrics["failures"] = [{"client_id": f.client_id, "reason": f.reason} for f in failures]
