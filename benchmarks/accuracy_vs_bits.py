@@ -29,6 +29,7 @@ runs converge within the rounds a benchmark can afford.
 
     python benchmarks/accuracy_vs_bits.py [--rounds 300] [--eval-every 20]
                                           [--only float32,eden1] [--out runs/accuracy_vs_bits]
+                                          [--replot]
     python benchmarks/accuracy_vs_bits.py --quick     # 30 rounds, a smoke run
 """
 
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated labels of the settings to run")
     ap.add_argument("--out", default="runs/accuracy_vs_bits", help="metrics, TensorBoard and the plot")
     ap.add_argument("--quick", action="store_true", help="30 rounds, evaluation every 10")
+    ap.add_argument("--replot", action="store_true", help="redraw the plot from OUT/summary.json and exit")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / "summary.json").read_text()), Path(args.out) / "accuracy_vs_bits.png")
+        return 0
     if args.quick:
         args.rounds, args.eval_every = 30, 10
     if not (default_unipen_root() / "unipen_femnist_full.npz").exists():
@@ -148,9 +153,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(rows):
         bits, acc = zip(*r["curve"], strict=True)
-        ax.plot(bits, acc, marker=".", label=r["label"])
+        ax.plot(bits, acc, marker=".", color=colors[i % len(colors)], linestyle="-" if i % 2 == 0 else "--",
+                label=r["label"])
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bits")
     ax.set_ylabel("test accuracy")

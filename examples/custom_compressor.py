@@ -1,6 +1,6 @@
 """Write your own compressor: rand-k in about twenty lines, checked against the contract.
 
-    python examples/custom_compressor.py            # contract, NMSE, and 40 rounds of FedAvg
+    python examples/custom_compressor.py            # contract, NMSE, and 60 rounds of FedAvg
     python examples/custom_compressor.py --rounds 0 # contract and NMSE only
 
 A codec subclasses :class:`fedzip.codecs.Codec` and defines ``encode`` (a
@@ -113,7 +113,7 @@ def train(codec: Codec | None, rounds: int) -> tuple[float, int]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=40, help="FedAvg rounds per codec (0: skip training)")
+    ap.add_argument("--rounds", type=int, default=60, help="FedAvg rounds per codec (0: skip training)")
     args = ap.parse_args()
     print(check_compressor(MyRandK(0.1)))
     gauss = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))
