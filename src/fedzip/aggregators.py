@@ -361,7 +361,9 @@ class StreamingMean:
             weight = 1.0
         update = self.decode_update(message)
         for k, v in update.items():
-            self.sums[k].add_(v.to(torch.float64), alpha=weight)
+            # float32 into float64 in place: torch computes in float64 (the same
+            # bits as converting first) without allocating a float64 copy
+            self.sums[k].add_(v, alpha=weight)
         self.weight_sum += weight
         self.count += 1
         for k, v in scalars.items():
