@@ -304,7 +304,17 @@ class RayExecutor:
         if not ray.is_initialized():
             kw: dict[str, Any] = {"runtime_env": self.runtime_env} if self.runtime_env else {}
             if self.address is not None:
-                ray.init(address=self.address, **kw)
+                try:
+                    ray.init(address=self.address, **kw)
+                except Exception as e:  # noqa: BLE001 - whatever stops the join, one clear error
+                    # Ray >= 2.59 starts clusters with token authentication; a
+                    # driver without the token gets only "failed to connect"
+                    raise ConfigError(
+                        f"ray_address {self.address!r}: {_one_line(e)}. Is the cluster up (`ray status` on "
+                        "its head)? If it uses token authentication (the default of `ray start` since "
+                        "Ray 2.59), set RAY_AUTH_MODE=token here and give the cluster's token in "
+                        "RAY_AUTH_TOKEN or ~/.ray/auth_token"
+                    ) from None
             else:
                 if self.object_store_memory is not None:
                     kw["object_store_memory"] = self.object_store_memory
