@@ -224,7 +224,7 @@ def ray_session():
     import ray
 
     # the workers import this module and tests/fakes.py by name
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR}})
     yield ray
     ray.shutdown()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,11 +46,16 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     port = _free_port()
+    # a temp dir of its own: Ray writes the address of "the cluster on this
+    # machine" there, and a killed head must not leave it for later ray.init calls
+    # (short: Ray's socket paths must fit in 107 characters)
+    temp_dir = tempfile.mkdtemp(prefix="fzray", dir="/tmp")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"],
+         "--include-dashboard", "false", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+         "--temp-dir", temp_dir],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, **AUTH},
     )
@@ -69,6 +76,7 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run(tmp_path: Path, name: str, *flags: str, env: dict | None = None) -> list[dict]:

@@ -194,8 +194,9 @@ class RayExecutor:
     Args:
         num_workers: actors (each keeps the model built between tasks).
         address: a running cluster to join (``"auto"``, ``"ray://host:10001"``,
-            ``"host:6379"``); None starts a local Ray instance with
-            ``num_workers * threads`` CPUs (and no dashboard) on first use.
+            ``"host:6379"``); None starts a new local Ray instance with
+            ``num_workers * threads`` CPUs (and no dashboard) on first use,
+            even if a cluster runs on this machine (``"auto"`` joins that).
             If this process already called ``ray.init``, that instance is used.
         threads: intra-op torch threads per worker; each actor reserves that
             many CPUs from Ray. Default ``max(1, os.cpu_count() // num_workers)``.
@@ -318,7 +319,9 @@ class RayExecutor:
             else:
                 if self.object_store_memory is not None:
                     kw["object_store_memory"] = self.object_store_memory
-                ray.init(num_cpus=self.num_workers * self.threads, include_dashboard=False, **kw)
+                # address="local": always a new instance of our own, never a cluster
+                # some other program left running on this machine (join one with an address)
+                ray.init(address="local", num_cpus=self.num_workers * self.threads, include_dashboard=False, **kw)
             self._owns_ray = True
         return ray
 
