@@ -5,10 +5,11 @@ coordinate (where the codec allows it), on three sources:
 
 * a Gaussian vector (``d = 2^16``),
 * a Student-t vector with 3 degrees of freedom (heavy tails),
-* real client updates: a small CNN trained a few local SGD steps on each of
-  10 writers of UNIPEN digits (``/work/shared/data/unipen/
-  fed_unipen_digitsonly_tiny_train.h5``, read with h5py; skipped with a
-  message when the file is absent), each tensor encoded on its own,
+* real client updates: the seed's FedAvg CNN (``--model small``: a small
+  CNN, faster) trained a few local SGD steps on each of 10 writers of
+  UNIPEN digits (``../shared/data/unipen/fed_unipen_digitsonly_tiny_train.h5``,
+  read with h5py; skipped with a message when the file is absent), each
+  tensor encoded on its own,
 
 it prints
 
@@ -41,15 +42,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 import fedzip.codecs as C
+from fedzip.data.unipen import default_unipen_root
+from fedzip.models import FedAvgCNN
 
-UNIPEN = Path("/work/shared/data/unipen/fed_unipen_digitsonly_tiny_train.h5")
+UNIPEN = default_unipen_root() / "fed_unipen_digitsonly_tiny_train.h5"
 RATES = (0.1, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -123,14 +125,14 @@ class SmallCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def unipen_updates(n: int, steps: int, seed: int) -> list[dict[str, torch.Tensor]] | None:
+def unipen_updates(n: int, steps: int, seed: int, model_name: str = "fedavg") -> list[dict[str, torch.Tensor]] | None:
     if not UNIPEN.exists():
         print(f"real updates: skipped, {UNIPEN} is absent")
         return None
     import h5py
 
     torch.manual_seed(seed)
-    model = SmallCNN()
+    model = FedAvgCNN(10) if model_name == "fedavg" else SmallCNN()
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
     with h5py.File(UNIPEN, "r") as f:
@@ -153,7 +155,8 @@ def unipen_updates(n: int, steps: int, seed: int) -> list[dict[str, torch.Tensor
                 continue
             out.append({k: (v.detach() - start[k]).clone() for k, v in model.state_dict().items()})
     sizes = {k: tuple(v.shape) for k, v in out[0].items()}
-    print(f"real updates: {len(out)} UNIPEN writers, {steps} local steps each; tensors {sizes}")
+    print(f"real updates: {type(model).__name__}, {len(out)} UNIPEN writers, {steps} local steps each; "
+          f"tensors {sizes}")
     return out
 
 
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="local SGD steps per writer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--model", choices=("fedavg", "small"), default="fedavg",
+                   help="real updates from the seed's FedAvg CNN (default) or a small CNN (faster)")
     args = p.parse_args(argv)
     threads = [int(t) for t in str(args.threads).split(",")]
     torch.set_num_threads(threads[0])
@@ -309,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = table(f"Gaussian, d = {d}", gaussian(d, args.clients, args.seed), rates, args.seed)
     rows += table(f"Student-t (3 dof), d = {d}", student_t(d, args.clients, args.seed), rates, args.seed)
-    real = unipen_updates(args.clients, args.steps, args.seed)
+    real = unipen_updates(args.clients, args.steps, args.seed, args.model)
     if real is not None:
-        rows += table("real updates (small CNN, UNIPEN digits)", real, rates, args.seed)
+        model_label = "FedAvg CNN" if args.model == "fedavg" else "small CNN"
+        rows += table(f"real updates ({model_label}, UNIPEN digits)", real, rates, args.seed)
     speed = [] if args.no_throughput else throughput(1 << 20, 3 if args.quick else 9, threads)
     summary(rows, speed)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")

@@ -374,3 +374,17 @@ def test_cuda_input_gives_the_same_bytes():
         a = codec.encode(x, torch.Generator().manual_seed(0))
         b = codec.encode(x.cuda(), torch.Generator().manual_seed(0))
         assert a == b, name
+
+
+def test_default_rotation_blocks_pad_less_than_one_rotation_of_the_whole_tensor():
+    """A tensor just above a multiple of 2^16: the default blocks pad to the next
+    multiple of 2^16, one whole-tensor rotation to the next power of two."""
+    d = 4 * 65536 + 5
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    blocked = C.EDEN(1).encode(x, torch.Generator().manual_seed(1))
+    whole = C.EDEN(1, block_size=None).encode(x, torch.Generator().manual_seed(1))
+    assert 5 * 65536 <= 8 * len(blocked) <= 5 * 65536 + 5 * 32 + 64  # codes, a scale per block, seed
+    assert 8 * len(whole) >= 1 << 19
+    for data, codec in ((blocked, C.EDEN(1)), (whole, C.EDEN(1, block_size=None))):
+        y = codec.decode(data, (d,))
+        assert 0.45 < float((y - x).square().sum() / x.square().sum()) < 0.7  # EDEN's 0.571 at 1 bit

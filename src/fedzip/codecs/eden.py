@@ -25,7 +25,7 @@ contract test can measure for non-adversarial inputs.
 from __future__ import annotations
 
 from fedzip.codecs.lloydmax import GaussianLloydMax
-from fedzip.codecs.rotation import RandomRotation
+from fedzip.codecs.rotation import DEFAULT_BLOCK, RandomRotation
 from fedzip.codecs.sparsify import RandK
 from fedzip.codecs.symbols import Delegate
 from fedzip.errors import ConfigError
@@ -44,7 +44,7 @@ class DRIVE(Delegate):
 
     tag = "drive"
 
-    def __init__(self, unbiased: bool = True, block_size: int | None = None) -> None:
+    def __init__(self, unbiased: bool = True, block_size: int | None = DEFAULT_BLOCK) -> None:
         self.unbiased_scale = bool(unbiased)
         self.block_size = block_size
         self._impl = RandomRotation(GaussianLloydMax(1, unbiased=self.unbiased_scale), block_size)
@@ -69,7 +69,7 @@ class EDEN(Delegate):
     tag = "eden"
     unbiased = True
 
-    def __init__(self, bits: float = 2, block_size: int | None = None) -> None:
+    def __init__(self, bits: float = 2, block_size: int | None = DEFAULT_BLOCK) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int | float) or not 0 < bits <= 8:
             raise ConfigError(f"EDEN.bits must be in (0, 8], got {bits!r}")
         if bits >= 1 and not float(bits).is_integer():

@@ -17,7 +17,7 @@ from fedzip.codecs.lloydmax import GaussianLloydMax, LloydMax
 from fedzip.codecs.lossless import Zstd
 from fedzip.codecs.powersgd import PowerSGD
 from fedzip.codecs.qsgd import QSGD
-from fedzip.codecs.rotation import RandomRotation
+from fedzip.codecs.rotation import DEFAULT_BLOCK, RandomRotation
 from fedzip.codecs.sign import ScaledSign, SignSGD
 from fedzip.codecs.sparsify import RandK, TopK
 from fedzip.codecs.uniform import UniformQuantization
@@ -28,26 +28,26 @@ def tff_uniform(bits: int = 8) -> UniformQuantization:
     return UniformQuantization(bits)
 
 
-def rotated_uniform(bits: int = 4, block_size: int | None = None) -> RandomRotation:
+def rotated_uniform(bits: int = 4, block_size: int | None = DEFAULT_BLOCK) -> RandomRotation:
     """Randomized Hadamard rotation, then min/max stochastic uniform quantization
     (Suresh et al., ICML 2017). Unbiased."""
     return RandomRotation(UniformQuantization(bits), block_size)
 
 
-def rotated_lloyd_max(bits: int = 2, block_size: int | None = None) -> RandomRotation:
+def rotated_lloyd_max(bits: int = 2, block_size: int | None = DEFAULT_BLOCK) -> RandomRotation:
     """Rotation, then the Gaussian Lloyd-Max levels with the least-squares scale
     (lower MSE than EDEN, biased)."""
     return RandomRotation(GaussianLloydMax(bits, unbiased=False), block_size)
 
 
-def ecsq(bits: float = 4.0, block_size: int | None = None, unbiased: bool = True) -> EntropyCoded:
+def ecsq(bits: float = 4.0, block_size: int | None = DEFAULT_BLOCK, unbiased: bool = True) -> EntropyCoded:
     """Rotation, uniform quantization at entropy ``bits``, ANS against the
     Gaussian prior: the closest to the rate-distortion bound in this package
     (about 1.42x at 4 and 8 bits). Unbiased by default."""
     return EntropyCoded(RandomRotation(GaussianECSQ(bits, unbiased=unbiased), block_size))
 
 
-def eden_ans(bits: int = 4, block_size: int | None = None) -> EntropyCoded:
+def eden_ans(bits: int = 4, block_size: int | None = DEFAULT_BLOCK) -> EntropyCoded:
     """EDEN with its Lloyd-Max symbols ANS-coded against their Gaussian probabilities."""
     return EntropyCoded(EDEN(bits, block_size))
 
