@@ -84,6 +84,8 @@ def _fails(argv, capsys, match, code=2):
     (["run", "--checkpoint-every", "-2"], "checkpoint_every must be >= 0"),
     (["run", "--client-optimizer", "adamw"], r"client_optimizer 'adamw' unknown; choose from \['adagrad', 'adam', 'sgd'\]"),
     (["run", "--backend", "spark"], "backend must be 'local' or 'ray', got 'spark'"),
+    (["run", "--device", "gpu0"], "device 'gpu0' is not a torch device"),
+    (["run", "--threads", "0"], "threads must be >= 1"),
     (["run", "--aggregator", "meen"], "aggregator 'meen' unknown"),
     (["run", "--aggregator", "compression:bits=40"], "bits.*1..16.*40"),
     (["run", "--aggregator", "compression:bits=0"], "bits.*1..16.*0"),

@@ -135,3 +135,30 @@ def test_evaluate_reports_loss_and_accuracy():
     fa = _fedavg()
     ev = fa.evaluate(fa.init().params, data)
     assert ev["num_examples"] == 20 and 0.0 <= ev["accuracy"] <= 1.0 and ev["loss"] > 0
+
+
+def _two_rounds(**kw):
+    data = TensorClients(n_clients=4, per_client=25)
+    fa = _fedavg(fedzip.mean(fedzip.codecs.EDEN(2)), seed=5, **kw)
+    s, hist = fa.init(), []
+    for r in (1, 2):
+        s, m = fa.next(s, data, fedzip.sample_clients(data.client_ids, 3, r, seed=5))
+        hist.append(m)
+    return s, hist, fa.evaluate(s.params, data)
+
+
+def test_device_option_trains_on_the_device_and_keeps_the_server_on_the_cpu():
+    s0, h0, e0 = _two_rounds()
+    s1, h1, e1 = _two_rounds(device="cpu")
+    assert h0 == h1 and e0 == e1  # the CPU device changes no bit
+    assert all(torch.equal(s0.params[k], s1.params[k]) for k in s0.params)
+    if torch.cuda.is_available():
+        s2, h2, e2 = _two_rounds(device="cuda")
+        assert all(v.device.type == "cpu" for v in s2.params.values())
+        assert [m["aggregated_bits"] for m in h2] == [m["aggregated_bits"] for m in h0]
+        assert abs(e2["loss"] - e0["loss"]) < 1e-2
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            _fedavg(device="cuda")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        _fedavg(device="gpu please")

@@ -48,6 +48,7 @@ class RunConfig:
     ray_address: str | None = None
     num_workers: int = 2
     threads: int | None = None
+    device: str | None = None
     checkpoint_every: int = 0
     name: str = "run"
 
@@ -61,6 +62,10 @@ class RunConfig:
         for name in ("client_lr", "server_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.device is not None:
+            from fedzip.algorithms.fedavg import _check_device
+
+            _check_device(self.device)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads!r}")
         if self.min_clients is not None and self.min_clients < 1:

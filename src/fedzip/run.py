@@ -78,6 +78,7 @@ def build_algorithm(config: RunConfig, num_classes: int, executor=None) -> Weigh
         seed=config.seed,
         executor=executor,
         min_clients=config.min_clients,
+        device=config.device,
     )
 
 
@@ -104,7 +105,7 @@ def check_data_fits(algorithm: WeightedFedAvg, train, num_classes: int, test=Non
         model = algorithm.work.model()
         try:
             with torch.no_grad():
-                out = model(ex.x[:1])
+                out = model(algorithm.work.on_device(ex.x[:1]))
         except RuntimeError as e:
             first = (str(e).splitlines() or [""])[0]
             raise DataError(f"examples of {which} client {cid!r} (shape {shape}) do not fit the model: "
@@ -228,7 +229,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
 # Fields a resumed run may change: how long it runs, how often it checkpoints and
 # evaluates, where client work runs. Anything else would make it a different run.
 RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "eval_every", "eval_batch_size", "name", "backend",
-                     "ray_address", "num_workers", "threads")
+                     "ray_address", "num_workers", "threads", "device")
 
 
 def _check_resumable(ck: checkpoint.Checkpoint, config: RunConfig, fresh: ServerState) -> None:

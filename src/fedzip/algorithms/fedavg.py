@@ -11,6 +11,12 @@ is plain FedAvg; momentum or Adam work unchanged (FedAvgM, FedAdam).
 The algorithm is ``init() -> ServerState`` and ``next(state, data, client_ids)
 -> (ServerState, metrics)``; it holds no state of its own, and ``next`` never
 changes the state it is given, so a failed round leaves it as it was.
+
+``device="cuda"`` trains the clients and evaluates on that device; the
+server state, the aggregator, the codecs and the wire stay on the CPU (a
+client's delta comes back to the CPU before its stages and codec run).
+Randomness drawn on the device inside the model (dropout on CUDA) is not
+keyed by client: only CPU generators are, so bit-identical runs need the CPU.
 """
 
 from __future__ import annotations
@@ -87,8 +93,10 @@ class ClientWork:
         aggregator: Aggregator,
         broadcast_policy: CodecPolicy,
         seed: int,
+        device: torch.device | None = None,
     ) -> None:
         self.model_fn = model_fn
+        self.device = device
         self.client_optimizer = client_optimizer
         self.loss_fn = loss_fn
         self.preprocess = preprocess
@@ -106,8 +114,13 @@ class ClientWork:
 
     def model(self) -> nn.Module:
         if self._model is None:
-            self._model = self.model_fn()
+            model = self.model_fn()
+            self._model = model.to(self.device) if self.device is not None else model
         return self._model
+
+    def on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device (unchanged without one)."""
+        return t.to(self.device, non_blocking=True) if self.device is not None else t
 
     def receive(self, broadcast: bytes) -> tuple[Params, dict[str, float]]:
         """Decode the broadcast (once per round per process)."""
@@ -128,7 +141,7 @@ class ClientWork:
                 p.copy_(received[name])
         opt = self.client_optimizer(model.parameters())
         order_rng = numpy_rng(self.seed, task.round, task.client_id, "shuffle")
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = 0
         n_examples = n_batches = 0
         model.train()
@@ -138,6 +151,7 @@ class ClientWork:
             # seeding, which formats a stack trace each call (about 1 ms per client).
             torch.default_generator.manual_seed(derive_seed(self.seed, task.round, task.client_id, "train"))
             for x, y in self.preprocess.batches(examples, order_rng):
+                x, y = self.on_device(x), self.on_device(y)
                 opt.zero_grad(set_to_none=True)
                 logits = model(x)
                 loss = self.loss_fn(logits, y)
@@ -147,7 +161,9 @@ class ClientWork:
                 correct += int((logits.detach().argmax(1) == y).sum())
                 n_examples += len(y)
                 n_batches += 1
-        delta = {name: p.detach() - received[name] for name, p in model.named_parameters()}
+        delta = {name: p.detach() - received[name].to(p.device) for name, p in model.named_parameters()}
+        if self.device is not None:  # the stages, codecs and their per-client state live on the CPU
+            delta = {name: v.cpu() for name, v in delta.items()}
         rng = torch_rng(self.seed, task.round, task.client_id, "codec")
         records, reports, client_state = self.aggregator.client_encode(
             scalars, delta, rng, task.client_state
@@ -164,7 +180,14 @@ class ClientWork:
 
 
 class WeightedFedAvg:
-    """Weighted FedAvg. Build it with :func:`weighted_fedavg`."""
+    """Weighted FedAvg. Build it with :func:`weighted_fedavg`.
+
+    Keyword options: ``broadcast_codec`` (downlink), ``preprocess``,
+    ``loss_fn``, ``seed``, ``executor``, ``min_clients`` (clients that must
+    succeed for a round to count; default all), ``max_client_states``
+    (per-client codec state kept, least recently used dropped first),
+    ``device`` (where clients train and evaluation runs; see the module doc).
+    """
 
     def __init__(
         self,
@@ -179,6 +202,7 @@ class WeightedFedAvg:
         executor: Executor | None = None,
         min_clients: int | None = None,
         max_client_states: int = 10_000,
+        device: str | torch.device | None = None,
     ) -> None:
         if not callable(model_fn):
             raise ConfigError("model_fn must be a callable returning a torch.nn.Module")
@@ -202,9 +226,10 @@ class WeightedFedAvg:
         # clients, least recently used dropped first (they start afresh)
         self.max_client_states = max_client_states
         self.loss_fn = loss_fn
+        self.device = _check_device(device)
         self.work = ClientWork(
             model_fn, client_optimizer, loss_fn, preprocess or Preprocess(),
-            aggregator, self.broadcast_policy, self.seed,
+            aggregator, self.broadcast_policy, self.seed, self.device,
         )
 
     # -- state -------------------------------------------------------------
@@ -339,6 +364,7 @@ class WeightedFedAvg:
             for ex in sources:
                 for start in range(0, len(ex), batch_size):
                     x, y = ex.x[start : start + batch_size], ex.y[start : start + batch_size]
+                    x, y = self.work.on_device(x), self.work.on_device(y)
                     logits = model(x)
                     loss_sum += float(self.loss_fn(logits, y)) * len(y)
                     correct += int((logits.argmax(1) == y).sum())
@@ -346,6 +372,23 @@ class WeightedFedAvg:
         if n == 0:
             raise DataError("evaluation data has no examples")
         return {"loss": loss_sum / n, "accuracy": correct / n, "num_examples": n}
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """Where clients train and the model is evaluated (None: where ``model_fn``
+    puts it, the CPU by default). The server state, the codecs and the wire
+    stay on the CPU whatever it is."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine")
+    return dev
 
 
 def _lru_update(old: Mapping[str, Any], new: Mapping[str, Any], limit: int) -> dict[str, Any]:
