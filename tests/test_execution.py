@@ -205,6 +205,8 @@ def test_make_executor_from_config():
     assert make_executor(RunConfig(threads=1)).threads == 1
     with pytest.raises(ConfigError, match="threads"):
         RunConfig(threads=0)
+    with pytest.raises(ConfigError, match="backend 'local' only"):
+        RunConfig(backend="ray", device="meta")  # any device but the CPU
     if ray_available():
         ex = make_executor(RunConfig(backend="ray", num_workers=3))
         assert isinstance(ex, RayExecutor) and ex.num_workers == 3 and ex.threads >= 1

@@ -65,6 +65,10 @@ class RunConfig:
         if self.device is not None:
             from fedzip.algorithms.fedavg import _check_device
 
+            if self.backend == "ray" and _check_device(self.device).type != "cpu":
+                # Ray hides GPUs from actors that do not reserve them (num_gpus)
+                raise ConfigError(f"device {self.device!r} works with backend 'local' only; "
+                                  "Ray workers train on the CPU")
             _check_device(self.device)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads!r}")
