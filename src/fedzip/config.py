@@ -63,13 +63,12 @@ class RunConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.device is not None:
-            from fedzip.algorithms.fedavg import _check_device
+            from fedzip.algorithms.fedavg import resolve_device
 
-            if self.backend == "ray" and _check_device(self.device).type != "cpu":
-                # Ray hides GPUs from actors that do not reserve them (num_gpus)
+            # Ray hides GPUs from actors that do not reserve them (num_gpus)
+            if resolve_device(self.device).type != "cpu" and self.backend == "ray":
                 raise ConfigError(f"device {self.device!r} works with backend 'local' only; "
                                   "Ray workers train on the CPU")
-            _check_device(self.device)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads!r}")
         if self.min_clients is not None and self.min_clients < 1:

@@ -161,9 +161,8 @@ class ClientWork:
                 correct += int((logits.detach().argmax(1) == y).sum())
                 n_examples += len(y)
                 n_batches += 1
-        delta = {name: p.detach() - received[name].to(p.device) for name, p in model.named_parameters()}
-        if self.device is not None:  # the stages, codecs and their per-client state live on the CPU
-            delta = {name: v.cpu() for name, v in delta.items()}
+        # back on the CPU (a no-op there): the stages, codecs and per-client state live on it
+        delta = {name: (p.detach() - received[name].to(p.device)).cpu() for name, p in model.named_parameters()}
         rng = torch_rng(self.seed, task.round, task.client_id, "codec")
         records, reports, client_state = self.aggregator.client_encode(
             scalars, delta, rng, task.client_state
@@ -226,10 +225,9 @@ class WeightedFedAvg:
         # clients, least recently used dropped first (they start afresh)
         self.max_client_states = max_client_states
         self.loss_fn = loss_fn
-        self.device = _check_device(device)
         self.work = ClientWork(
             model_fn, client_optimizer, loss_fn, preprocess or Preprocess(),
-            aggregator, self.broadcast_policy, self.seed, self.device,
+            aggregator, self.broadcast_policy, self.seed, resolve_device(device),
         )
 
     # -- state -------------------------------------------------------------
@@ -374,7 +372,7 @@ class WeightedFedAvg:
         return {"loss": loss_sum / n, "accuracy": correct / n, "num_examples": n}
 
 
-def _check_device(device: str | torch.device | None) -> torch.device | None:
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """Where clients train and the model is evaluated (None: where ``model_fn``
     puts it, the CPU by default). The server state, the codecs and the wire
     stay on the CPU whatever it is."""
