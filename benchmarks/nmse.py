@@ -23,6 +23,18 @@ it prints
   source, any code) and unbiased ``1 / (4^b - 1)`` (the best an unbiased
   code can do for a Gaussian), and the row's ratio to each.
 
+Then Kashin's representation against the rotation it refines (``--kashin``
+runs only this part): randomized Hadamard rotation + ``b``-bit stochastic
+min/max uniform quantization, against Kashin's representation at redundancy
+2 (twice the coefficients) + ``b/2``-bit uniform quantization (at ``b = 1``:
+a random half of the coefficients at 1 bit, Caldas et al.'s subsampling;
+against the rotation with the same subsampling too),
+i.e. at the same measured bits per coordinate, on the Gaussian and
+Student-t vectors and on a Gaussian vector with one coordinate of
+``sqrt(d)`` (half the energy in one spike); with TFF's settings (3
+iterations, eta 0.9, delta 1) and with longer, lower levels (30 iterations,
+eta 0.8, delta 8), and the ratio of each to the rotation's NMSE.
+
 Then encode and decode throughput (M coordinates/s, best of several runs,
 median in brackets) on a 2^20 tensor, with 1 and 2 torch threads (on a
 shared machine two OpenMP threads can lose to one: every parallel op waits
@@ -31,6 +43,7 @@ unbiased bound, and where TFF's 8-bit min/max quantization stands.
 
     python benchmarks/nmse.py            # about a minute on 2 cores
     python benchmarks/nmse.py --quick    # d = 2^14, fewer rates and rounds
+    python benchmarks/nmse.py --kashin   # only the Kashin rows (about 20 s)
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ import torch
 from torch import nn
 
 import fedzip.codecs as C
+from fedzip.codecs.kashin import Kashin, kashin_uniform
 from fedzip.data.unipen import default_unipen_root
 from fedzip.models import FedAvgCNN
 
@@ -109,6 +123,17 @@ def student_t(d: int, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     dist = torch.distributions.StudentT(3.0)
     return [{"x": _as_matrix(dist.sample((d,)))} for _ in range(n)]
+
+
+def spiky(d: int, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Gaussian vectors with one coordinate of ``sqrt(d)``: half the energy in one spike."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        v = torch.randn(d, generator=g)
+        v[int(torch.randint(0, d, (1,), generator=g))] = math.sqrt(d)
+        out.append({"x": _as_matrix(v)})
+    return out
 
 
 class SmallCNN(nn.Module):
@@ -216,6 +241,54 @@ def table(title: str, clients: list[dict[str, torch.Tensor]], rates: tuple[float
     return rows
 
 
+# -- Kashin's representation against the rotation ------------------------------
+
+KASHIN_SETTINGS = {
+    "TFF: 3 it, eta .9, delta 1": dict(iterations=3, eta=0.9, delta=1.0),
+    "30 it, eta .8, delta 8": dict(iterations=30, eta=0.8, delta=8.0),
+}
+
+
+def kashin_same_bits(b: int, **settings) -> C.Codec:
+    """Kashin at redundancy 2 with ``b`` measured bits per coordinate: ``b/2``
+    bits per coefficient, or at ``b = 1`` one bit for a random half of them."""
+    if b == 1:
+        return Kashin(C.RandK(0.5, inner=C.UniformQuantization(1)), redundancy=2.0, **settings)
+    return kashin_uniform(b // 2, redundancy=2.0, **settings)
+
+
+def kashin_table(sources: list[tuple[str, list[dict[str, torch.Tensor]]]], seed: int) -> list[dict]:
+    """Rotation + b-bit uniform against Kashin + uniform at the same measured bits."""
+    print("\n== Kashin's representation (redundancy 2) against the rotation, same measured bits ==")
+    print("rotation: RandomRotation(UniformQuantization(b)); kashin: Kashin(UniformQuantization(b/2)),")
+    print("at b = 1 Kashin(RandK(1/2, UniformQuantization(1))); ratio = NMSE / rotation's NMSE at that b")
+    print(f"{'source':22s} {'b':>2s} {'codec':34s} {'bits':>7s} {'NMSE':>10s} {'ratio':>7s}")
+    rows = []
+    for title, clients in sources:
+        for b in (1, 2, 4, 8):
+            bits, base, _ = measure(C.rotated_uniform(b), clients, seed)
+            print(f"{title:22s} {b:2d} {'rotation + ' + str(b) + '-bit uniform':34s} {bits:7.3f} {base:10.4g} {1:7.2f}")
+            if b == 1:  # the same subsampling on the rotation's side
+                sub = C.RandomRotation(C.RandK(0.5, inner=C.UniformQuantization(2)))
+                sbits, snmse, _ = measure(sub, clients, seed)
+                rows.append(dict(source=title, b=b, codec="rotation + rand-k 1/2 + 2-bit", bits=sbits, nmse=snmse,
+                                 rot_bits=bits, rot_nmse=base, ratio=snmse / base))
+                print(f"{'':22s} {'':2s} {'rotation + rand-k 1/2 + 2-bit':34s} {sbits:7.3f} {snmse:10.4g} "
+                      f"{snmse / base:7.2f}")
+            for name, settings in KASHIN_SETTINGS.items():
+                kbits, nmse, _ = measure(kashin_same_bits(b, **settings), clients, seed)
+                rows.append(dict(source=title, b=b, codec=name, bits=kbits, nmse=nmse, rot_bits=bits,
+                                 rot_nmse=base, ratio=nmse / base))
+                print(f"{'':22s} {'':2s} {'kashin (' + name + ')':34s} {kbits:7.3f} {nmse:10.4g} "
+                      f"{nmse / base:7.2f}")
+        print()
+    for name in KASHIN_SETTINGS:
+        ratios = {b: [r["ratio"] for r in rows if r["codec"] == name and r["b"] == b] for b in (1, 2, 4, 8)}
+        print(f"kashin ({name}): NMSE / rotation's at the same bits, min-max over the sources: "
+              + ", ".join(f"b={b} {min(v):.2f}-{max(v):.2f}" for b, v in ratios.items()))
+    return rows
+
+
 # -- throughput -----------------------------------------------------------------
 
 
@@ -306,18 +379,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-throughput", action="store_true")
     p.add_argument("--model", choices=("fedavg", "small"), default="fedavg",
                    help="real updates from the seed's FedAvg CNN (default) or a small CNN (faster)")
+    p.add_argument("--kashin", action="store_true", help="only Kashin's representation against the rotation")
     args = p.parse_args(argv)
     threads = [int(t) for t in str(args.threads).split(",")]
     torch.set_num_threads(threads[0])
     d = args.d or (1 << 14 if args.quick else 1 << 16)
     rates = (1.0, 2.0, 4.0, 8.0) if args.quick else RATES
     t0 = time.perf_counter()
+    kashin_sources = [(f"Gaussian, d = {d}", gaussian(d, args.clients, args.seed)),
+                      ("Student-t (3 dof)", student_t(d, args.clients, args.seed)),
+                      ("one spike (sqrt d)", spiky(d, args.clients, args.seed))]
+    if args.kashin:
+        kashin_table(kashin_sources, args.seed)
+        print(f"\n(total {time.perf_counter() - t0:.0f} s)")
+        return 0
     rows = table(f"Gaussian, d = {d}", gaussian(d, args.clients, args.seed), rates, args.seed)
     rows += table(f"Student-t (3 dof), d = {d}", student_t(d, args.clients, args.seed), rates, args.seed)
     real = unipen_updates(args.clients, args.steps, args.seed, args.model)
     if real is not None:
         model_label = "FedAvg CNN" if args.model == "fedavg" else "small CNN"
         rows += table(f"real updates ({model_label}, UNIPEN digits)", real, rates, args.seed)
+    kashin_table(kashin_sources, args.seed)
     speed = [] if args.no_throughput else throughput(1 << 20, 3 if args.quick else 9, threads)
     summary(rows, speed)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")

@@ -36,3 +36,11 @@ class TensorClients:
             raise DataError(f"unknown client id {client_id!r}")
         self.reads += 1
         return self.examples[client_id]
+
+
+def deterministic(metrics):
+    """A round's metrics (or a list of them) without the wall-clock timings
+    (``time/...``), which differ from run to run by nature."""
+    if isinstance(metrics, list):
+        return [deterministic(m) for m in metrics]
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}

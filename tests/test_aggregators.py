@@ -14,11 +14,14 @@ def _round(agg, state, updates, weights=None):
     """Run the client side and the streaming server side of one round."""
     scalars = agg.broadcast_scalars(state)
     acc = agg.accumulator(updates[0])
+    report_sums = {}
     for i, u in enumerate(updates):
         records, reports, _ = agg.client_encode(scalars, u, torch.Generator().manual_seed(i))
         w = 1.0 if weights is None else weights[i]
-        acc.fold(decode_message(encode_message(Kind.UPDATE, {"weight": w, **reports}, records)))
-    return agg.finalize(state, acc)
+        msg = decode_message(encode_message(Kind.UPDATE, {"weight": w, **reports}, records))
+        acc.fold(msg.tensors, msg.scalars["weight"])
+        agg.fold_reports(report_sums, {k: v for k, v in msg.scalars.items() if k != "weight"})
+    return agg.finalize(state, acc, report_sums)
 
 
 def _vec(*values):

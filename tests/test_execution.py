@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from fakes import TensorClients
+from fakes import TensorClients, deterministic
 
 import fedzip
 from fedzip.codecs import ErrorFeedback, UniformQuantization
@@ -190,7 +190,7 @@ def test_client_states_are_bounded_least_recently_used_first():
     for r in range(1, 6):
         ids = fedzip.sample_clients(data.client_ids, 4, r, 0)
         state, m = fa.next(state, data, ids)
-        kept = state.aggregator_state["client_states"]
+        kept = state.client_states["codec"]
         assert len(kept) == m["aggregator/client_states"] <= 6
         residual_bytes = sum(t.numel() * 4 for st in kept.values() for t in _tensors(st))
         assert m["aggregator/client_state_bytes"] == residual_bytes > 0
@@ -251,7 +251,7 @@ def test_run_with_backend_ray_end_to_end(ray_session):
     res = run(cfg, data=data, console=False)
     local = run(cfg.replace(backend="local"), data=data, console=False)
     assert [m["clients/succeeded"] for m in res.history] == [3, 3] and "loss" in res.final_eval
-    for k, v in local.state.params.items():  # the same up to the thread count (see execution.py)
+    for k, v in local.state.params.items():  # the same up to the thread count (see execution/base.py)
         torch.testing.assert_close(res.state.params[k], v, rtol=0, atol=1e-5)
 
 
@@ -264,7 +264,7 @@ def test_ray_and_local_runs_are_bit_identical(ray_session, ray_executor):
         fa = _fedavg(agg, executor=ex, model_fn=fedzip.fedavg_cnn, seed=3)  # the seed's CNN
         runs[name] = _run(fa, data, rounds=3, per_round=5, seed=3)
     (s_local, h_local), (s_ray, h_ray) = runs["local"], runs["ray"]
-    assert h_local == h_ray
+    assert deterministic(h_local) == deterministic(h_ray)
     assert all(torch.equal(s_local.params[k], s_ray.params[k]) for k in s_local.params)
     assert ray_executor.stats["broadcast_puts"] == 3  # one object-store put per round
     assert ray_executor.stats["payload_shipments"] == 1  # (work, data) once for the run

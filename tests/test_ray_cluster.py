@@ -84,7 +84,9 @@ def _run(tmp_path: Path, name: str, *flags: str, env: dict | None = None) -> lis
            "--clients-per-round", "4", "--seed", "3", "--logdir", str(tmp_path), "--name", name, *flags]
     r = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    # wall-clock timings differ by nature; every other metric must match
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
 
 def test_cli_joins_a_running_cluster_and_matches_the_local_backend(ray_head, tmp_path):

@@ -22,7 +22,7 @@ from fakes import TensorClients
 from torch import nn
 
 import fedzip
-from fedzip.algorithms.fedavg import ClientResult
+from fedzip.algorithms.client import ClientResult
 from fedzip.config import RunConfig
 from fedzip.data.federated import ClientExamples
 from fedzip.errors import DataError, FedzipError, RoundFailedError

@@ -9,7 +9,17 @@ import torch
 from fedzip.codecs import Codec, Float32
 from fedzip.codecs.base import check_finite, numel_of
 from fedzip.errors import PayloadError
-from fedzip.testing import ContractReport, check_compressor
+from fedzip.testing import (
+    ContractReport,
+    check_bits_match_bytes,
+    check_compressor,
+    check_deterministic_given_rng,
+    check_hostile_bytes,
+    check_large_values,
+    check_rejects_non_finite,
+    check_round_trip_shape,
+    check_stateful_replay,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,3 +157,33 @@ def test_broken_codecs_are_caught_with_a_clear_message(codec, message):
 
 def test_the_unbiasedness_claim_can_be_overridden():
     check_compressor(Biased(), unbiased=False, trials=20)
+
+
+def _seven():
+    return torch.randn(7, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "check,broken,message",
+    [
+        (lambda c: check_bits_match_bytes(c, _seven()), Lenient(), "one trailing zero byte: decode accepted it"),
+        (lambda c: check_deterministic_given_rng(c, _seven()), Noisy(), "not deterministic"),
+        (lambda c: check_round_trip_shape(c, _seven()), WrongDtype(), "expected torch.float32"),
+        (lambda c: check_hostile_bytes(c, _seven()), Fragile(), "raised ValueError"),
+        (lambda c: check_rejects_non_finite(c), TakesNaN(), "NonFiniteUpdateError"),
+        (lambda c: check_large_values(c), Overflows(), "decoded to all zeros"),
+        (lambda c: check_stateful_replay(c), LeakyState(), "encode_stateful is not deterministic"),
+    ],
+)
+def test_one_check_alone_fails_on_the_codec_that_breaks_it(check, broken, message):
+    check(Half())  # a correct codec passes it
+    with pytest.raises(AssertionError, match=message):
+        check(broken)
+
+
+def test_a_broken_codec_fails_only_the_check_it_breaks():
+    x = _seven()
+    check_round_trip_shape(Lenient(), x)  # ignores trailing bytes, but round-trips
+    check_deterministic_given_rng(Lenient(), x)
+    with pytest.raises(AssertionError, match="one trailing zero byte"):
+        check_bits_match_bytes(Lenient(), x)

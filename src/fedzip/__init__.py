@@ -7,7 +7,7 @@ The public API is flat::
                                     aggregator=fedzip.compression_aggregator())
 """
 
-from fedzip import codecs
+from fedzip import codecs, metrics, tasks
 from fedzip.aggregators import (
     AdaptiveNorm,
     Aggregator,
@@ -19,7 +19,17 @@ from fedzip.aggregators import (
     robust_aggregator,
     zeroing,
 )
-from fedzip.algorithms import ClientWork, ServerState, WeightedFedAvg, weighted_fedavg
+from fedzip.algorithms import (
+    ClientHooks,
+    ClientWork,
+    FedProx,
+    FederatedAlgorithm,
+    ServerState,
+    WeightedFedAvg,
+    fedprox,
+    weighted_fedavg,
+)
+from fedzip.clientstate import ClientStates, DiskStates, MemoryStates
 from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
 from fedzip.errors import (
     ClientFailure,
@@ -32,11 +42,15 @@ from fedzip.errors import (
 )
 from fedzip.execution import LocalExecutor
 from fedzip.models import FedAvgCNN, fedavg_cnn
+from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 from fedzip.seeding import derive_seed, sample_clients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
+    "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
+    "resolve_task", "tasks",
     "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
     "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",
     "NonFiniteUpdateError", "PayloadError", "Preprocess", "RoundFailedError", "ServerState",

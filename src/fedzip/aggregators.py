@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +41,7 @@ from fedzip.codecs.base import is_finite
 from fedzip.errors import ConfigError, NonFiniteUpdateError, PayloadError, RoundFailedError
 from fedzip.payload import decode_params
 from fedzip.tree import Params
-from fedzip.wire import Message, TensorRecord
+from fedzip.wire import Kind, Message, TensorRecord
 
 # --------------------------------------------------------------------------
 # Norm estimates: fixed, or adaptive (tracking a quantile of client norms)
@@ -130,16 +130,50 @@ def _as_norm(norm: float | NormSpec) -> NormSpec:
 # --------------------------------------------------------------------------
 
 
+@dataclass
+class Aggregate:
+    """The server's running result of a round before division: weighted sums of
+    the updates (float64), the weight sum (a number, or a tensor per coordinate
+    when clients hold different coordinates) and the number of clients."""
+
+    sums: Params
+    weight_sum: float | Params
+    count: int
+
+    def mean(self, like: Mapping[str, tuple[tuple[int, ...], Any]]) -> Params:
+        if self.count == 0:
+            raise RoundFailedError("no client update to aggregate")
+        if isinstance(self.weight_sum, dict):
+            out = {}
+            for k, v in self.sums.items():
+                w = self.weight_sum[k]
+                # coordinates no client held keep a zero update
+                out[k] = torch.where(w > 0, v / w.clamp_min(1e-300), torch.zeros_like(v))
+        else:
+            if self.weight_sum <= 0:
+                raise RoundFailedError("the clients' total weight is zero (no examples)")
+            out = {k: v / self.weight_sum for k, v in self.sums.items()}
+        return {k: v.to(torch.float32).to(like[k][1]) for k, v in out.items()}
+
+
 class Stage(abc.ABC):
-    """A step applied to each client's update before the mean (a middleware)."""
+    """A middleware around the mean: a client side that transforms each update
+    (and reports scalars), and a server side that sees the round's aggregate.
+
+    ``report_bounds`` names each report a client may send and the range one
+    client's value is clamped to before it is summed (a 0/1 indicator is
+    clamped to [0, 1], so a lying client moves an adaptive norm no more than an
+    honest one could); reports without bounds are summed as sent.
+    """
 
     key: str
+    report_bounds: Mapping[str, tuple[float, float]] = {}
 
     @abc.abstractmethod
-    def init(self) -> dict[str, float]: ...
+    def init(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    def broadcast(self, state: Mapping[str, float]) -> dict[str, float]:
+    def broadcast(self, state: Mapping[str, Any]) -> dict[str, float]:
         """Scalars the clients need this round."""
 
     @abc.abstractmethod
@@ -147,10 +181,12 @@ class Stage(abc.ABC):
         """Transform one client's update; return it and the scalars to report."""
 
     @abc.abstractmethod
-    def finalize(
-        self, state: Mapping[str, float], reports: Mapping[str, float], n_clients: int
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """From the summed reports: (new state, measurements)."""
+    def server(
+        self, state: Mapping[str, Any], aggregate: Aggregate, reports: Mapping[str, float],
+        rng: torch.Generator,
+    ) -> tuple[Aggregate, dict[str, Any], dict[str, float]]:
+        """From the aggregate and the summed reports: (aggregate, new state,
+        measurements). ``rng`` is keyed by (seed, round, stage key)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +213,8 @@ class Zeroing(_NormStage):
 
     norm_order: float = math.inf
 
+    report_bounds = {"zeroed": (0.0, 1.0), "below": (0.0, 1.0)}
+
     def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
         norm = tree.global_norm(update, self.norm_order)
         zero = not math.isfinite(norm) or norm > scalars["threshold"]
@@ -187,16 +225,18 @@ class Zeroing(_NormStage):
             report["below"] = float(math.isfinite(norm) and norm <= scalars["estimate"])
         return update, report
 
-    def finalize(self, state, reports, n_clients):
-        new_state = self.norm.update(state, reports.get("below", 0.0) / max(n_clients, 1))
+    def server(self, state, aggregate, reports, rng):
+        new_state = self.norm.update(state, reports.get("below", 0.0) / max(aggregate.count, 1))
         meas = {"zeroing_norm": self.norm.threshold(state), "zeroed_count": reports.get("zeroed", 0.0)}
-        return new_state, meas
+        return aggregate, new_state, meas
 
 
 @dataclass(frozen=True)
 class Clipping(_NormStage):
     """Project the update onto the L2 ball of the bound (TFF's
     ``clipping_factory``). Measurements: ``clipping_norm``, ``clipped_count``."""
+
+    report_bounds = {"clipped": (0.0, 1.0), "below": (0.0, 1.0)}
 
     def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
         norm = tree.global_norm(update, 2.0)
@@ -209,10 +249,10 @@ class Clipping(_NormStage):
             report["below"] = float(math.isfinite(norm) and norm <= scalars["estimate"])
         return update, report
 
-    def finalize(self, state, reports, n_clients):
-        new_state = self.norm.update(state, reports.get("below", 0.0) / max(n_clients, 1))
+    def server(self, state, aggregate, reports, rng):
+        new_state = self.norm.update(state, reports.get("below", 0.0) / max(aggregate.count, 1))
         meas = {"clipping_norm": self.norm.threshold(state), "clipped_count": reports.get("clipped", 0.0)}
-        return new_state, meas
+        return aggregate, new_state, meas
 
 
 # --------------------------------------------------------------------------
@@ -235,10 +275,9 @@ class Aggregator:
     # -- state ------------------------------------------------------------
 
     def init(self) -> dict[str, Any]:
-        """The aggregator's state: each stage's, and per-client codec state."""
-        state: dict[str, Any] = {s.key: s.init() for s in self.stages}
-        state["client_states"] = {}
-        return state
+        """The aggregator's state: each stage's (per-client codec state lives in
+        the server state's ``client_states["codec"]`` store)."""
+        return {s.key: s.init() for s in self.stages}
 
     def broadcast_scalars(self, state: Mapping[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -292,95 +331,169 @@ class Aggregator:
 
     # -- server side -------------------------------------------------------
 
-    def accumulator(self, template: Params) -> StreamingMean:
-        return StreamingMean(self, {k: (tuple(v.shape), v.device) for k, v in template.items()})
+    def accumulator(self, template: Params) -> Accumulator:
+        """Where the round's updates are summed: decoded one by one
+        (:class:`StreamingMean`), or, when every codec of the policy can add
+        its encodings (:class:`~fedzip.codecs.base.SummableCodec`), summed
+        encoded and decoded once (:class:`EncodedSum`)."""
+        like = {k: (tuple(v.shape), v.device) for k, v in template.items()}
+        if self.policy.summable():
+            if self.weighted:
+                raise ConfigError("a mean over encoded sums needs weighted=False: integer encodings "
+                                  "add up only with equal weights")
+            return EncodedSum(self, like)
+        return StreamingMean(self, like)
 
-    def finalize(
-        self, state: Mapping[str, Any], acc: StreamingMean
-    ) -> tuple[Params, dict[str, Any], dict[str, float]]:
-        """The mean update, the new state, and the measurements of this round."""
-        mean = acc.mean()
-        new_state = dict(state)
-        measurements: dict[str, float] = {}
+    def fold_reports(self, sums: dict[str, float], reports: Mapping[str, float]) -> None:
+        """Add one client's stage reports to ``sums``, each clamped to its stage's
+        bounds; a report no stage declared is ignored."""
         for s in self.stages:
             prefix = f"{s.key}/"
-            mine = {k[len(prefix) :]: v for k, v in acc.report_sums.items() if k.startswith(prefix)}
-            new_state[s.key], meas = s.finalize(state[s.key], mine, acc.count)
+            for k, v in reports.items():
+                if not k.startswith(prefix):
+                    continue
+                name = k[len(prefix):]
+                lo, hi = s.report_bounds.get(name, (-math.inf, math.inf))
+                sums[k] = sums.get(k, 0.0) + min(hi, max(lo, v))
+
+    def finalize(
+        self, state: Mapping[str, Any], acc: Accumulator, report_sums: Mapping[str, float],
+        rng_for: Any = None,
+    ) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The mean update, the new state, and the measurements of this round.
+
+        The stages' server sides run innermost first (the way out of the
+        middleware), each with a generator from ``rng_for(stage_key)``."""
+        aggregate = acc.result()
+        new_state = dict(state)
+        measurements: dict[str, float] = {}
+        for s in reversed(self.stages):
+            prefix = f"{s.key}/"
+            mine = {k[len(prefix):]: v for k, v in report_sums.items() if k.startswith(prefix)}
+            rng = rng_for(s.key) if rng_for is not None else torch.Generator().manual_seed(0)
+            aggregate, new_state[s.key], meas = s.server(state[s.key], aggregate, mine, rng)
             measurements.update({f"{s.key}/{k}": v for k, v in meas.items()})
-        return mean, new_state, measurements
+        return aggregate.mean(acc.template), new_state, measurements
 
 
-class StreamingMean:
-    """Running weighted sums: fold each client's message as it arrives.
+class Accumulator(abc.ABC):
+    """Folds the round's updates as they arrive; :meth:`result` is the aggregate.
 
-    Memory is one float64 buffer per model tensor plus a few scalars,
-    whatever the number of clients. Messages are checked against the model
-    template (names, shapes, codec tags) before anything is decoded.
+    ``fold`` gets a client's tensor records (still encoded) and its weight;
+    ``coverage`` (optional) names, per tensor, the coordinates the client held
+    (a bool mask), for clients that train only part of the model: the weight
+    then counts per coordinate. Nothing is added unless the whole update is valid.
     """
 
     def __init__(self, aggregator: Aggregator, template: Mapping[str, tuple[tuple[int, ...], Any]]):
         self.aggregator = aggregator
         self.template = dict(template)
-        self.sums = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in template.items()}
-        self.weight_sum = 0.0
         self.count = 0
-        self.report_sums: dict[str, float] = {}
 
-    def decode_update(self, message: Message) -> Params:
+    @abc.abstractmethod
+    def fold(self, tensors: Sequence[TensorRecord], weight: float,
+             coverage: Mapping[str, torch.Tensor] | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def result(self) -> Aggregate: ...
+
+
+class StreamingMean(Accumulator):
+    """Running weighted sums: each client's update is decoded and folded as it arrives.
+
+    Memory is one float64 buffer per model tensor (two with per-coordinate
+    weights) whatever the number of clients. Records are checked against the
+    model template (names, shapes, codec tags) before anything is decoded.
+    """
+
+    def __init__(self, aggregator: Aggregator, template: Mapping[str, tuple[tuple[int, ...], Any]]):
+        super().__init__(aggregator, template)
+        self.sums = {k: torch.zeros(shape, dtype=torch.float64) for k, (shape, _) in self.template.items()}
+        self.weight_sum = 0.0
+        self.coord_weights: dict[str, torch.Tensor] | None = None
+
+    def decode_update(self, tensors: Sequence[TensorRecord]) -> Params:
         """Validate a client's tensors against the template and decode them."""
         return decode_params(
-            message, {k: shape for k, (shape, _) in self.template.items()}, self.aggregator.policy
+            Message(Kind.UPDATE, {}, list(tensors)),
+            {k: shape for k, (shape, _) in self.template.items()}, self.aggregator.policy,
         )
 
-    def fold(self, message: Message) -> None:
-        """Add one client's update; its weight is the ``weight`` scalar.
-
-        Everything a client reports is its word, so it is checked before it
-        counts: scalars must be finite, weight and training sums non-negative;
-        a stage report is one client's 0/1 indicator, clamped to [0, 1] so a
-        lie moves an adaptive norm no more than an honest client could.
-        Nothing is added unless the whole message is valid.
-        """
-        scalars = dict(message.scalars)
-        weight = scalars.pop("weight", None)
-        if weight is None or not math.isfinite(weight) or weight < 0:
+    def fold(self, tensors, weight, coverage=None):
+        if not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
-        # A client whose training diverged reports a non-finite loss honestly;
-        # its update is the stages' business (zeroing drops it), and its train
-        # metrics are left out of the round's, counted as diverged.
-        diverged = not math.isfinite(scalars.get("train/loss_sum", 0.0))
-        if diverged:
-            scalars = {k: v for k, v in scalars.items() if not k.startswith("train/")}
-            scalars["train/diverged_clients"] = 1.0
-        for k, v in scalars.items():
-            if not math.isfinite(v):
-                raise PayloadError(f"update scalar {k!r} is {v!r}; scalars must be finite")
-            if k.startswith("train/") and v < 0:
-                raise PayloadError(f"update scalar {k!r} is {v!r}; counts and sums must be >= 0")
         if not self.aggregator.weighted:
             weight = 1.0
-        update = self.decode_update(message)
+        update = self.decode_update(tensors)
+        if coverage is not None:
+            bad = [k for k in update if k in coverage and tuple(coverage[k].shape) != tuple(update[k].shape)]
+            if bad:
+                raise PayloadError(f"coverage of {bad[0]!r} does not match its shape")
+            if self.coord_weights is None:
+                self.coord_weights = {k: torch.full_like(v, self.weight_sum) for k, v in self.sums.items()}
         for k, v in update.items():
             # float32 into float64 in place: torch computes in float64 (the same
             # bits as converting first) without allocating a float64 copy
             self.sums[k].add_(v, alpha=weight)
+            if self.coord_weights is not None:
+                held = coverage.get(k) if coverage is not None else None
+                if held is None:
+                    self.coord_weights[k].add_(weight)
+                else:
+                    self.coord_weights[k].add_(held.to(torch.float64), alpha=weight)
         self.weight_sum += weight
         self.count += 1
-        for k, v in scalars.items():
-            # stage reports ("clipping/below") and client metrics ("train/loss_sum")
-            if not k.startswith("train/"):
-                v = min(1.0, max(0.0, v))
-            self.report_sums[k] = self.report_sums.get(k, 0.0) + v
 
-    def mean(self) -> Params:
-        if self.count == 0:
-            raise RoundFailedError("no client update to aggregate")
-        if self.weight_sum <= 0:
-            raise RoundFailedError("the clients' total weight is zero (no examples)")
-        return {
-            k: (v / self.weight_sum).to(torch.float32).to(self.template[k][1])
-            for k, v in self.sums.items()
-        }
+    def result(self) -> Aggregate:
+        weights = self.coord_weights if self.coord_weights is not None else self.weight_sum
+        return Aggregate(self.sums, weights, self.count)
+
+
+class EncodedSum(Accumulator):
+    """Adds clients' integer encodings without decoding any one of them, and
+    decodes only the sum (what secure aggregation needs: the server sees sums).
+
+    Every codec of the policy must be a :class:`~fedzip.codecs.base.SummableCodec`;
+    weights are 1 (integers add up only with equal weights).
+    """
+
+    def __init__(self, aggregator: Aggregator, template: Mapping[str, tuple[tuple[int, ...], Any]]):
+        super().__init__(aggregator, template)
+        self.int_sums: dict[str, Any] = {}
+        #: decoded individual updates (instrumentation: stays 0; a test checks it)
+        self.decoded_individually = 0
+
+    def fold(self, tensors, weight, coverage=None):
+        if coverage is not None:
+            raise PayloadError("an encoded sum cannot take per-coordinate coverage")
+        if not math.isfinite(weight) or weight < 0:
+            raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
+        by_name = {t.name: t for t in tensors}
+        if sorted(by_name) != sorted(self.template):
+            missing = sorted(set(self.template) - set(by_name))[:5]
+            extra = sorted(set(by_name) - set(self.template))[:5]
+            raise PayloadError(f"tensors do not match the model: missing {missing}, unexpected {extra}")
+        parsed = {}
+        for name, t in by_name.items():
+            shape = self.template[name][0]
+            if t.shape != shape:
+                raise PayloadError(f"tensor {name!r}: shape {t.shape}, the model has {shape}")
+            codec = self.aggregator.policy.for_tensor(name, t.numel)
+            if t.codec != codec.tag:
+                raise PayloadError(f"tensor {name!r}: codec {t.codec!r}, expected {codec.tag!r}")
+            parsed[name] = codec.parse_summand(t.body, shape)
+        for name, value in parsed.items():
+            codec = self.aggregator.policy.for_tensor(name, value.numel())
+            prev = self.int_sums.get(name)
+            self.int_sums[name] = value if prev is None else codec.add_summands(prev, value)
+        self.count += 1
+
+    def result(self) -> Aggregate:
+        sums = {}
+        for name, (shape, _) in self.template.items():
+            codec = self.aggregator.policy.for_tensor(name, math.prod(shape))
+            sums[name] = codec.decode_sum(self.int_sums[name], self.count, shape).to(torch.float64)
+        return Aggregate(sums, float(self.count), self.count)
 
 
 # --------------------------------------------------------------------------

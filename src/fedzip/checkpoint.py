@@ -23,6 +23,7 @@ skipped and why.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -36,12 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedzip.algorithms import ServerState
+from fedzip.algorithms.state import ServerState
+from fedzip.clientstate import ClientStates
 from fedzip.errors import FedzipError
+from fedzip.fileio import atomic_write, fsync_dir  # re-exported: run.py writes with atomic_write
 
 MAGIC = b"FZCKPT1\n"
 FORMAT = "fedzip.checkpoint"
-VERSION = 1
+VERSION = 2
 KEEP = 3
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
 _HEAD = len(MAGIC) + 64 + 1
@@ -141,10 +144,9 @@ def save(
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "round": int(state.round),
-        "params": _plain(dict(state.params), "params"),
-        "optimizer_state": _plain(state.optimizer_state, "optimizer_state"),
-        "aggregator_state": _plain(state.aggregator_state, "aggregator_state"),
+        # every field of the server state, walked (a new field is saved without listing it)
+        "state": {f.name: _plain(_state_field(getattr(state, f.name)), f.name)
+                  for f in dataclasses.fields(ServerState)},
         "cumulative": _plain(dict(cumulative or {}), "cumulative"),
         "rng": _plain(dict(rng if rng is not None else capture_rng()), "rng"),
         "config": _plain(dict(config or {}), "config"),
@@ -160,38 +162,11 @@ def save(
     return path
 
 
-def atomic_write(path: str | Path, chunks: list[bytes | memoryview] | bytes) -> None:
-    """Write ``chunks`` to ``path`` so that a crash leaves the old file or the new
-    one: a temporary file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-        chunks = [chunks]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename in ``directory`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _state_field(value: Any) -> Any:
+    """A server-state field as plain values: client-state stores become dicts."""
+    if isinstance(value, Mapping) and any(isinstance(v, ClientStates) for v in value.values()):
+        return {k: v.to_plain() if isinstance(v, ClientStates) else v for k, v in value.items()}
+    return value
 
 
 def prune(directory: str | Path, keep: int = KEEP) -> None:
@@ -275,16 +250,27 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: not a fedzip checkpoint")
     if p.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {p.get('version')!r}, this build reads {VERSION}")
-    params = p.get("params")
-    rnd = p.get("round")
+    fields = p.get("state")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"checkpoint {path}: state missing or not a dict")
+    names = {f.name for f in dataclasses.fields(ServerState)}
+    required = {f.name for f in dataclasses.fields(ServerState)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if set(fields) - names or required - set(fields):
+        raise CheckpointError(f"checkpoint {path}: state fields {sorted(fields)} do not match "
+                              f"this build's {sorted(names)}")
+    params, rnd = fields.get("params"), fields.get("round", 0)
     if not isinstance(rnd, int) or rnd < 0:
         raise CheckpointError(f"checkpoint {path}: invalid round {rnd!r}")
     if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
         raise CheckpointError(f"checkpoint {path}: params must be a dict of tensors")
-    for key in ("optimizer_state", "aggregator_state", "cumulative", "rng", "config", "versions"):
+    for key in ("optimizer_state", "aggregator_state"):
+        if not isinstance(fields.get(key), dict):
+            raise CheckpointError(f"checkpoint {path}: {key} missing or not a dict")
+    for key in ("cumulative", "rng", "config", "versions"):
         if not isinstance(p.get(key), dict):
             raise CheckpointError(f"checkpoint {path}: {key} missing or not a dict")
-    state = ServerState(params, p["optimizer_state"], p["aggregator_state"], rnd)
+    state = ServerState(**fields)
     return Checkpoint(path, state, p["cumulative"], p["rng"], p["config"], p["versions"])
 
 

@@ -28,20 +28,24 @@ class RunConfig:
     """Every setting of a run. Defaults are the seed tutorial's."""
 
     dataset: str = "mnist5k"
-    aggregator: str = "mean"
-    broadcast: str = "float32"
+    task: str = "auto"
+    algorithm: str | dict = "fedavg"
+    aggregator: str | dict = "mean"
+    broadcast: str | dict = "float32"
     rounds: int = 10
     clients_per_round: int = 10
     batch_size: int = 20
     epochs: int = 1
     shuffle_buffer: int = 418
-    client_optimizer: str = "sgd"
+    max_batches: int | None = None
+    client_optimizer: str | dict = "sgd"
     client_lr: float = 0.02
-    server_optimizer: str = "sgd"
+    server_optimizer: str | dict = "sgd"
     server_lr: float = 1.0
     server_momentum: float = 0.0
     eval_every: int = 0
     eval_batch_size: int = 500
+    eval_clients: int | None = None
     seed: int = 0
     min_clients: int | None = None
     backend: str = "local"
@@ -58,12 +62,15 @@ class RunConfig:
             _check_type(f.name, value, f.type)
         _positive(self, "rounds", "clients_per_round", "batch_size", "epochs", "shuffle_buffer",
                   "eval_batch_size", "num_workers")
+        for name in ("max_batches", "eval_clients"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)!r}")
         _non_negative(self, "eval_every", "checkpoint_every", "server_momentum", "seed")
         for name in ("client_lr", "server_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.device is not None:
-            from fedzip.algorithms.fedavg import resolve_device
+            from fedzip.algorithms.base import resolve_device
 
             # Ray hides GPUs from actors that do not reserve them (num_gpus)
             if resolve_device(self.device).type != "cpu" and self.backend == "ray":
@@ -75,11 +82,14 @@ class RunConfig:
             raise ConfigError(f"min_clients must be >= 1 or null, got {self.min_clients!r}")
         if self.backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {self.backend!r}")
-        for name, table in (("client_optimizer", OPTIMIZERS), ("server_optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in table:
-                raise ConfigError(f"{name} {getattr(self, name)!r} unknown; choose from {sorted(table)}")
-        build_aggregator(self.aggregator)  # validates the spec
+        for name in ("client_optimizer", "server_optimizer"):
+            build_optimizer(getattr(self, name), 1.0, field=name)  # validates the spec
+        build_aggregator(self.aggregator)
         build_broadcast(self.broadcast)
+        build_algorithm_spec(self.algorithm)
+        if ":" not in self.task and self.task not in ("auto", *_task_names()):
+            raise ConfigError(f"task {self.task!r} unknown; choose from {['auto', *_task_names()]} "
+                              "or give module.path:attribute")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -105,7 +115,7 @@ class RunConfig:
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # plain JSON values (a copy)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -124,6 +134,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok and not math.isfinite(value):
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    elif ann.startswith("str | dict"):
+        ok = isinstance(value, (str, dict))
     elif ann.startswith("str"):
         ok = isinstance(value, str)
     else:
@@ -148,21 +160,82 @@ def _non_negative(cfg: RunConfig, *names: str) -> None:
 # Names to objects
 # --------------------------------------------------------------------------
 
-OPTIMIZERS: dict[str, Callable[..., type[torch.optim.Optimizer]]] = {
+OPTIMIZERS: dict[str, Callable[[], type[torch.optim.Optimizer]]] = {
     "sgd": lambda: torch.optim.SGD,
     "adam": lambda: torch.optim.Adam,
     "adagrad": lambda: torch.optim.Adagrad,
 }
 
 
-def build_optimizer(name: str, lr: float, momentum: float = 0.0) -> Callable:
-    """A factory ``params -> torch.optim.Optimizer``."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer {name!r} unknown; choose from {sorted(OPTIMIZERS)}")
-    cls = OPTIMIZERS[name]()
+def build_optimizer(spec: str | Mapping[str, Any], lr: float, momentum: float = 0.0,
+                    field: str = "optimizer") -> Callable:
+    """A factory ``params -> torch.optim.Optimizer`` from a name (``"sgd"``, with
+    the flat ``lr`` and ``momentum``) or a dict naming every argument:
+    ``{"type": "adam", "lr": 0.01, "betas": [0.9, 0.99], "eps": 0.001}``
+    (``lr`` defaults to the flat one). ``type`` may be ``module:Class``."""
+    if isinstance(spec, str):
+        name, opts = _parse_spec(spec, field)
+    elif isinstance(spec, Mapping):
+        opts = dict(spec)
+        name = opts.pop("type", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{field}: a dict needs \"type\" (an optimizer name), got {spec!r}")
+    else:
+        raise ConfigError(f"{field} must be a name or a dict, got {spec!r}")
+    if name in OPTIMIZERS:
+        cls: Any = OPTIMIZERS[name]()
+    elif ":" in name:
+        from fedzip.tasks.registry import import_path
+
+        cls = import_path(name, field)
+    else:
+        raise ConfigError(f"{field} {name!r} unknown; choose from {sorted(OPTIMIZERS)} or module:Class")
+    opts.setdefault("lr", lr)
     if cls is torch.optim.SGD:
-        return functools.partial(cls, lr=lr, momentum=momentum)
-    return functools.partial(cls, lr=lr)
+        opts.setdefault("momentum", momentum)
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+    factory = functools.partial(cls, **opts)
+    try:
+        factory([torch.zeros(1, requires_grad=True)])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field} {spec!r}: {e}") from None
+    return factory
+
+
+def _task_names() -> list[str]:
+    from fedzip.tasks.registry import TASKS
+
+    return list(TASKS)
+
+
+#: algorithm name → (class path, one line)
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "fedavg": ("fedzip.algorithms.fedavg:WeightedFedAvg", "FedAvg (weighted by the task; McMahan et al. 2017)"),
+    "fedprox": ("fedzip.algorithms.fedprox:FedProx", "FedProx, proximal term mu (Li et al., MLSys 2020)"),
+}
+
+
+def build_algorithm_spec(spec: str | Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """``"fedprox:mu=0.1"`` or ``{"type": "fedprox", "mu": 0.1}`` → (class, its extra arguments)."""
+    if isinstance(spec, str):
+        name, opts = _parse_spec(spec, "algorithm")
+    elif isinstance(spec, Mapping):
+        opts = dict(spec)
+        name = opts.pop("type", None)
+    else:
+        raise ConfigError(f"algorithm must be a name or a dict, got {spec!r}")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm {name!r} unknown; choose from {sorted(ALGORITHMS)}")
+    from fedzip.tasks.registry import import_path
+
+    cls = import_path(ALGORITHMS[name][0], "algorithm")
+    import inspect
+
+    allowed = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")}
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise ConfigError(f"algorithm {name!r}: unknown argument(s) {unknown}")
+    return cls, opts
 
 
 def _parse_spec(spec: str, field: str) -> tuple[str, dict[str, Any]]:
@@ -198,10 +271,25 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
 }
 
 
-def build_aggregator(spec: str) -> Aggregator:
-    """``mean``, ``robust``, ``compression`` or ``compression:bits=4,threshold=20000``;
-    codec names from :func:`fedzip.codecs.registry` give ``mean`` over that codec
-    above TFF's threshold, e.g. ``eden:bits=2``."""
+def build_aggregator(spec: str | Mapping[str, Any]) -> Aggregator:
+    """An aggregator from a string or a nested dict.
+
+    Strings: ``mean``, ``robust``, ``compression`` or ``compression:bits=4,threshold=20000``;
+    a codec name from :func:`fedzip.codecs.registry` gives ``mean`` over that codec
+    above TFF's threshold, e.g. ``eden:bits=2``.
+
+    Dicts nest any chain, e.g. clipping around EDEN::
+
+        {"type": "clipping", "norm": 1.0,
+         "inner": {"type": "mean", "codec": {"type": "eden", "bits": 2}, "threshold": 0}}
+
+    Types: ``mean`` (``codec``, ``threshold``, ``weighted``), ``clipping`` and
+    ``zeroing`` (``norm``: a number or ``{"type": "adaptive", ...}`` with
+    :class:`~fedzip.AdaptiveNorm`'s arguments; ``inner``; zeroing's ``norm_order``),
+    ``robust`` (``inner``), ``compression`` (its keyword arguments).
+    """
+    if isinstance(spec, Mapping):
+        return _aggregator_from_dict(spec, "aggregator")
     name, opts = _parse_spec(spec, "aggregator")
     if name in AGGREGATORS:
         try:
@@ -220,10 +308,87 @@ def build_aggregator(spec: str) -> Aggregator:
     return mean(above_threshold(_make_codec(name, codec_factory, opts, spec), threshold))
 
 
-def build_broadcast(spec: str):
-    """The downlink codec policy: ``float32`` (default) or a codec spec."""
+def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
+    from fedzip.aggregators import AdaptiveNorm, clipping, zeroing
+    from fedzip.codecs import above_threshold
+
+    opts = dict(spec)
+    kind = opts.pop("type", None)
+    try:
+        if kind == "mean":
+            codec = opts.pop("codec", None)
+            threshold = opts.pop("threshold", 20_000)
+            policy = None if codec is None else above_threshold(build_codec(codec, f"{where}.codec"), threshold)
+            return mean(policy, **opts)
+        if kind in ("clipping", "zeroing"):
+            inner = _aggregator_from_dict(opts.pop("inner", {"type": "mean"}), f"{where}.inner")
+            norm = opts.pop("norm", None)
+            if isinstance(norm, Mapping):
+                nopts = dict(norm)
+                if nopts.pop("type", "adaptive") != "adaptive":
+                    raise ConfigError(f"{where}.norm: type must be 'adaptive' (or give a number)")
+                norm = AdaptiveNorm(**nopts)
+            if norm is None:
+                raise ConfigError(f"{where}: {kind} needs a norm")
+            return (clipping if kind == "clipping" else zeroing)(inner, norm, **opts)
+        if kind == "robust":
+            inner = _aggregator_from_dict(opts.pop("inner", {"type": "mean"}), f"{where}.inner")
+            return robust_aggregator(inner, **opts)
+        if kind == "compression":
+            return compression_aggregator(**opts)
+    except TypeError as e:
+        raise ConfigError(f"{where} {dict(spec)!r}: {e}") from None
+    raise ConfigError(f"{where}: type {kind!r} unknown; choose from mean, clipping, zeroing, robust, "
+                      "compression")
+
+
+def build_codec(spec: str | Mapping[str, Any], where: str = "codec"):
+    """A codec from ``"eden:bits=2"``, ``{"type": "eden", "bits": 2}``, a wrapper
+    with an inner codec (``{"type": "error_feedback", "inner": {...}}``), or an
+    import path for a codec of your own (``{"type": "mypkg.codecs:MyCodec", ...}``)."""
+    from fedzip import codecs
+
+    if isinstance(spec, str):
+        name, opts = _parse_spec(spec, where)
+    elif isinstance(spec, Mapping):
+        opts = dict(spec)
+        name = opts.pop("type", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: a dict needs \"type\" (a codec name), got {dict(spec)!r}")
+    else:
+        raise ConfigError(f"{where} must be a name or a dict, got {spec!r}")
+    wrappers = {"error_feedback": codecs.ErrorFeedback, "entropy_coded": codecs.EntropyCoded,
+                "zstd": codecs.Zstd, "rotation": codecs.RandomRotation}
+    if "inner" in opts:
+        opts["inner"] = build_codec(opts["inner"], f"{where}.inner")
+    if name in wrappers:
+        factory: Any = wrappers[name]
+    elif name in _codec_registry():
+        factory = _codec_registry()[name]
+    elif ":" in name:
+        from fedzip.tasks.registry import import_path
+
+        factory = import_path(name, where)
+    else:
+        raise ConfigError(f"{where}: codec {name!r} unknown; choose from "
+                          f"{sorted([*_codec_registry(), *wrappers])} or module:Class")
+    codec = _make_codec(name, factory, opts, str(spec))
+    if not isinstance(codec, codecs.Codec):
+        raise ConfigError(f"{where}: {name!r} made a {type(codec).__name__}, not a fedzip Codec")
+    return codec
+
+
+def build_broadcast(spec: str | Mapping[str, Any]):
+    """The downlink codec policy: ``float32`` (default), a codec spec, or a dict
+    (``{"type": "eden", "bits": 4, "threshold": 20000}``)."""
     from fedzip.codecs import CodecPolicy, above_threshold
 
+    if isinstance(spec, Mapping):
+        opts = dict(spec)
+        threshold = opts.pop("threshold", 20_000)
+        if opts.get("type") == "float32":
+            return CodecPolicy()
+        return above_threshold(build_codec(opts, "broadcast"), threshold)
     name, opts = _parse_spec(spec, "broadcast")
     if name == "float32":
         return CodecPolicy()

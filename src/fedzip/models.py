@@ -54,3 +54,62 @@ def _glorot_uniform_(w: torch.Tensor) -> None:
 def fedavg_cnn(only_digits: bool = True) -> FedAvgCNN:
     """The seed's model: 10 classes for digits, 62 for EMNIST's letters and digits."""
     return FedAvgCNN(10 if only_digits else 62)
+
+
+class CharLSTM(nn.Module):
+    """The Shakespeare next-character model of McMahan et al. (AISTATS 2017), as
+    TFF's ``create_recurrent_model(vocab_size=90)`` (``tff.simulation.baselines.
+    shakespeare``) defines it: an embedding of 8, two LSTM layers of 256 units
+    returning sequences, and a dense layer to the vocabulary (logits, no softmax).
+
+    ``forward``: int64 ids ``[B, T]`` → logits ``[B, T, vocab_size]`` (batch first).
+
+    Parameters: **822,570** for the defaults (measured): embedding 720, LSTM
+    layers 272,384 and 526,336, dense 23,130. Keras' model has 820,522: PyTorch's
+    LSTM keeps two bias vectors per layer (``b_ih`` and ``b_hh``, 4 × 256 each)
+    where Keras keeps one, so 2 × 1,024 more, always zero-initialised here and
+    trained like the rest (their sum plays Keras' single bias).
+
+    Initialised as TFF's Keras layers are: embedding uniform(-0.05, 0.05); LSTM
+    input kernels ``he_normal`` (TFF sets ``kernel_initializer='he_normal'``:
+    truncated normal, std sqrt(2 / fan_in) / 0.8796, cut at 2 std), recurrent
+    kernels orthogonal, biases zero except the forget gate's 1 (Keras'
+    ``unit_forget_bias``; PyTorch's gate order is i, f, g, o, and the 1s sit in
+    ``b_ih``, ``b_hh`` stays zero); dense kernel Glorot uniform, bias zero.
+
+    Masking: TFF's embedding has ``mask_zero=True``, so Keras skips pad inputs.
+    Pads only ever trail a snippet (see :mod:`fedzip.data.shakespeare`), so the
+    logits at every non-pad input equal an unmasked model's, which this is; a
+    loss or metric should ignore pad targets (TFF's accuracy and token count
+    mask ``y == 0``).
+    """
+
+    def __init__(
+        self, vocab_size: int = 90, embedding_dim: int = 8, hidden: int = 256, layers: int = 2
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("embedding_dim", embedding_dim),
+                            ("hidden", hidden), ("layers", layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CharLSTM: {name} must be a positive integer, got {value!r}")
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, vocab_size)
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-0.05, 0.05)
+            for k in range(layers):
+                w_ih = getattr(self.lstm, f"weight_ih_l{k}")
+                std = math.sqrt(2.0 / w_ih.shape[1]) / 0.87962566103423978
+                nn.init.trunc_normal_(w_ih, std=std, a=-2 * std, b=2 * std)
+                nn.init.orthogonal_(getattr(self.lstm, f"weight_hh_l{k}"))
+                b_ih = getattr(self.lstm, f"bias_ih_l{k}")
+                b_ih.zero_()
+                b_ih[hidden : 2 * hidden] = 1.0
+                getattr(self.lstm, f"bias_hh_l{k}").zero_()
+        _glorot_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embedding(x))
+        return self.fc(out)

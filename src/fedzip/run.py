@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -33,13 +34,19 @@ from typing import Any
 import torch
 
 from fedzip import checkpoint
-from fedzip.algorithms import ServerState, WeightedFedAvg
-from fedzip.config import RunConfig, build_aggregator, build_broadcast, build_optimizer
+from fedzip.algorithms import FederatedAlgorithm, ServerState
+from fedzip.config import (
+    RunConfig,
+    build_aggregator,
+    build_algorithm_spec,
+    build_broadcast,
+    build_optimizer,
+)
 from fedzip.data.federated import ClientExamples, Preprocess
 from fedzip.errors import ConfigError, DataError
 from fedzip.metrics import ConsoleWriter, JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
-from fedzip.models import FedAvgCNN
-from fedzip.seeding import sample_clients
+from fedzip.seeding import derive_seed, sample_clients
+from fedzip.tasks import Task, resolve_task
 
 
 @dataclass
@@ -60,32 +67,53 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_SCHEMES = ("h5", "shakespeare-h5")  # data set names with a colon that are not import paths
+
+
 def load_data(config: RunConfig):
-    """(train, test, info) for ``config.dataset``."""
+    """(train, test, info) for ``config.dataset``: a data set name, or
+    ``module.path:function`` returning ``(train, test, info)``."""
     from fedzip.data import load_dataset
 
+    if _IMPORT_PATH.match(config.dataset) and config.dataset.split(":", 1)[0] not in _SCHEMES:
+        from fedzip.tasks.registry import import_path
+
+        fn = import_path(config.dataset, "dataset")
+        out = fn() if callable(fn) else fn
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise ConfigError(f"dataset {config.dataset!r} must return (train, test, info)")
+        return out
     return load_dataset(config.dataset)
 
 
-def build_algorithm(config: RunConfig, num_classes: int, executor=None) -> WeightedFedAvg:
-    return WeightedFedAvg(
-        model_fn=lambda: FedAvgCNN(num_classes),
-        client_optimizer=build_optimizer(config.client_optimizer, config.client_lr),
-        server_optimizer=build_optimizer(config.server_optimizer, config.server_lr, config.server_momentum),
+def build_task(config: RunConfig, info: Any) -> Task:
+    return resolve_task(config.task, info)
+
+
+def build_algorithm(config: RunConfig, info: Any, executor=None) -> FederatedAlgorithm:
+    """The algorithm a config describes, for the data set ``info`` describes."""
+    cls, extra = build_algorithm_spec(config.algorithm)
+    return cls(
+        task=build_task(config, info),
+        client_optimizer=build_optimizer(config.client_optimizer, config.client_lr, field="client_optimizer"),
+        server_optimizer=build_optimizer(config.server_optimizer, config.server_lr, config.server_momentum,
+                                         field="server_optimizer"),
         aggregator=build_aggregator(config.aggregator),
         broadcast_codec=build_broadcast(config.broadcast),
-        preprocess=Preprocess(config.batch_size, config.epochs, config.shuffle_buffer),
+        preprocess=Preprocess(config.batch_size, config.epochs, config.shuffle_buffer, config.max_batches),
         seed=config.seed,
         executor=executor,
         min_clients=config.min_clients,
         device=config.device,
+        **extra,
     )
 
 
-def check_data_fits(algorithm: WeightedFedAvg, train, num_classes: int, test=None) -> None:
+def check_data_fits(algorithm: FederatedAlgorithm, train, test=None) -> None:
     """One forward pass on one example of the first training (and test) client
-    before training: a data set whose shapes, dtypes or labels do not fit the
-    model fails here, naming the client, not mid-round."""
+    before training, through the task's checks: a data set whose shapes,
+    dtypes or labels do not fit the model fails here, naming the client."""
     for which, data in (("training", train), ("test", test)):
         if data is None:
             continue
@@ -96,24 +124,7 @@ def check_data_fits(algorithm: WeightedFedAvg, train, num_classes: int, test=Non
                 raise DataError(f"the {which} data has no clients")
             cid = data.client_ids[0]
             ex = data.client(cid)
-        shape = tuple(ex.x.shape[1:])
-        if not ex.x.is_floating_point():
-            raise DataError(f"{which} client {cid!r}: examples are {ex.x.dtype}, the model takes float images")
-        if ex.y.is_floating_point() or ex.y.is_complex() or ex.y.dim() != 1:
-            raise DataError(f"{which} client {cid!r}: labels must be integers of shape [n], "
-                            f"got {ex.y.dtype} {tuple(ex.y.shape)}")
-        model = algorithm.work.model()
-        try:
-            with torch.no_grad():
-                out = model(algorithm.work.on_device(ex.x[:1]))
-        except RuntimeError as e:
-            first = (str(e).splitlines() or [""])[0]
-            raise DataError(f"examples of {which} client {cid!r} (shape {shape}) do not fit the model: "
-                            f"{first}") from None
-        if out.shape[-1] != num_classes:
-            raise DataError(f"model outputs {out.shape[-1]} classes, the data set has {num_classes}")
-        if len(ex.y) and (int(ex.y.max()) >= num_classes or int(ex.y.min()) < 0):
-            raise DataError(f"{which} client {cid!r} has labels outside 0..{num_classes - 1}")
+        algorithm.task.check(algorithm.work.model(), ex, f"{which} client {cid!r}", algorithm.work.on_device)
 
 
 def run(
@@ -148,13 +159,14 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
         raise ConfigError(
             f"min_clients={config.min_clients} is more than clients_per_round={config.clients_per_round}"
         )
-    if not isinstance(info.num_classes, int) or info.num_classes < 1:
-        raise DataError(f"data set {info.name!r} has num_classes={info.num_classes!r}; it must be >= 1")
+    num_classes = getattr(info, "num_classes", None)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise DataError(f"data set {info.name!r} has num_classes={num_classes!r}; it must be >= 1")
     executor = _executor(config)
     if getattr(executor, "close", None) is not None:
         cleanup.callback(executor.close)  # whatever fails from here on
-    algorithm = build_algorithm(config, info.num_classes, executor)
-    check_data_fits(algorithm, train, info.num_classes, test)
+    algorithm = build_algorithm(config, info, executor)
+    check_data_fits(algorithm, train, test)
     state = algorithm.init()
     cumulative = {"broadcasted_bits": 0, "aggregated_bits": 0}
     history: list[dict[str, Any]] = []
@@ -173,7 +185,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
                 say(f"[{config.name}] no usable checkpoint in {ckdir}: starting from round 0")
             else:
                 _check_resumable(resumed, config, state)
-                state = resumed.state
+                state = algorithm.restore(resumed.state)
                 cumulative.update({k: int(v) for k, v in resumed.cumulative.items()})
                 say(f"[{config.name}] resuming after round {state.round} from {resumed.path}")
             history = _cut_metrics(logdir / "metrics.jsonl", state.round)
@@ -182,6 +194,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
         checkpoint.atomic_write(logdir / "run.json", json.dumps(
             {"config": config.to_dict(), "versions": run_versions, "seed": config.seed,
              "torch_threads": torch.get_num_threads(),
+             "task": algorithm.task.name,
              "data": {"name": info.name, "description": info.description}}, indent=2).encode("utf-8"))
 
     writers: list[MetricWriter] = list(extra_writers or [])
@@ -206,8 +219,10 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
                 cumulative[k] += metrics[k]
                 metrics[f"{k}/cumulative"] = cumulative[k]
             if (config.eval_every and r % config.eval_every == 0) or r == config.rounds:
-                ev = algorithm.evaluate(state.params, test, batch_size=config.eval_batch_size)
+                t_eval = time.perf_counter()
+                ev = _evaluate(algorithm, state, test, config, r)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                metrics["time/eval_s"] = time.perf_counter() - t_eval
             _test_hook("round", r)
             history.append(metrics)
             out.write(metrics)  # metrics first: a crash before the checkpoint repeats this round
@@ -226,9 +241,22 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
     return RunResult(config, state, history, final_eval, logdir)
 
 
+def _evaluate(algorithm: FederatedAlgorithm, state: ServerState, test: Any, config: RunConfig,
+              round_num: int) -> dict[str, Any]:
+    """Pooled figures over the test clients, and per-client summaries; with
+    ``eval_clients`` over that many test clients sampled for the round."""
+    if isinstance(test, ClientExamples):
+        return algorithm.evaluate(state.params, test, batch_size=config.eval_batch_size)
+    ids = None
+    if config.eval_clients is not None and config.eval_clients < len(test.client_ids):
+        ids = sample_clients(test.client_ids, config.eval_clients, round_num, derive_seed(config.seed, "eval"))
+    return algorithm.evaluate(state.params, test, ids, batch_size=config.eval_batch_size, per_client=True)
+
+
 # Fields a resumed run may change: how long it runs, how often it checkpoints and
 # evaluates, where client work runs. Anything else would make it a different run.
-RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "eval_every", "eval_batch_size", "name", "backend",
+RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "eval_every", "eval_batch_size", "eval_clients", "name",
+                     "backend",
                      "ray_address", "num_workers", "threads", "device")
 
 

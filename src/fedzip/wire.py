@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from fedzip.bytereader import Reader
 from fedzip.errors import PayloadError
 
 MAGIC = b"FZIP"
@@ -122,8 +123,7 @@ def encode_message(
 
 def decode_message(data: bytes | bytearray | memoryview, expect: Kind | None = None) -> Message:
     """Parse a message without trusting it. Tensor bodies are zero-copy views."""
-    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    reader = _Reader(view)
+    reader = Reader(data, "message")
     magic, version, kind, n_scalars, n_tensors = reader.unpack(_HEADER, "header")
     if magic != MAGIC:
         raise PayloadError(f"not a fedzip message (magic {bytes(magic)!r}, expected {MAGIC!r})")
@@ -137,25 +137,25 @@ def decode_message(data: bytes | bytearray | memoryview, expect: Kind | None = N
         raise PayloadError(f"expected a {expect.name} message, got {kind.name}")
     scalars: dict[str, float] = {}
     for _ in range(n_scalars):
-        name = reader.name(reader.byte("scalar name length"), "scalar name")
+        name = _read_name(reader, reader.u8("scalar name length"), "scalar name")
         if name in scalars:
             raise PayloadError(f"scalar {name!r} appears twice")
         scalars[name] = reader.unpack(_F64, f"scalar {name!r}")[0]
     tensors: list[TensorRecord] = []
     seen: set[str] = set()
     for _ in range(n_tensors):
-        name = reader.name(reader.unpack(_U16, "tensor name length")[0], "tensor name")
+        name = _read_name(reader, reader.unpack(_U16, "tensor name length")[0], "tensor name")
         if name in seen:
             raise PayloadError(f"tensor {name!r} appears twice")
         seen.add(name)
-        tag_len = reader.byte(f"tensor {name!r} codec length")
+        tag_len = reader.u8(f"tensor {name!r} codec length")
         if tag_len == 0:
             raise PayloadError(f"tensor {name!r}: empty codec tag")
         try:
             codec = bytes(reader.take(tag_len, f"tensor {name!r} codec")).decode("ascii")
         except UnicodeDecodeError:
             raise PayloadError(f"tensor {name!r}: codec tag is not ASCII") from None
-        ndim = reader.byte(f"tensor {name!r} ndim")
+        ndim = reader.u8(f"tensor {name!r} ndim")
         if ndim > MAX_NDIM:
             raise PayloadError(f"tensor {name!r}: {ndim} dimensions, at most {MAX_NDIM}")
         shape = struct.unpack(f"<{ndim}I", reader.take(4 * ndim, f"tensor {name!r} shape"))
@@ -164,9 +164,8 @@ def decode_message(data: bytes | bytearray | memoryview, expect: Kind | None = N
         body_len = reader.unpack(_U32, f"tensor {name!r} body length")[0]
         body = reader.take(body_len, f"tensor {name!r} body")
         tensors.append(TensorRecord(name, codec, tuple(shape), body))
-    if reader.pos != len(view):
-        raise PayloadError(f"{len(view) - reader.pos} unexpected trailing bytes after the message")
-    return Message(kind, scalars, tensors, nbytes=len(view))
+    reader.done()
+    return Message(kind, scalars, tensors, nbytes=len(reader.view))
 
 
 def bit_account(message: Message) -> BitAccount:
@@ -203,40 +202,14 @@ def integer_fields(data: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def _read_name(reader: Reader, n: int, what: str) -> str:
+    if n == 0 or n > MAX_NAME_BYTES:
+        raise PayloadError(f"{what}: length {n} out of range 1..{MAX_NAME_BYTES}")
+    return reader.utf8(n, what)
+
+
 def _name_bytes(name: str, limit: int) -> bytes:
     raw = name.encode("utf-8")
     if not 0 < len(raw) <= min(limit, MAX_NAME_BYTES):
         raise PayloadError(f"name {name[:40]!r} must be 1 to {min(limit, MAX_NAME_BYTES)} bytes")
     return raw
-
-
-class _Reader:
-    """A cursor over untrusted bytes that checks every length before slicing."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.view):
-            raise PayloadError(
-                f"truncated message: {what} needs {n} bytes at offset {self.pos}, "
-                f"{len(self.view) - self.pos} left"
-            )
-        out = self.view[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def byte(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def unpack(self, s: struct.Struct, what: str) -> tuple:
-        return s.unpack(self.take(s.size, what))
-
-    def name(self, n: int, what: str) -> str:
-        if n == 0 or n > MAX_NAME_BYTES:
-            raise PayloadError(f"{what}: length {n} out of range 1..{MAX_NAME_BYTES}")
-        try:
-            return bytes(self.take(n, what)).decode("utf-8")
-        except UnicodeDecodeError:
-            raise PayloadError(f"{what} is not valid UTF-8") from None

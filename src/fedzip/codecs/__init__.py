@@ -9,6 +9,7 @@ codec                       tag                     unbiased  paper
 ``UniformQuantization``     ``uq``                  yes*      Suresh et al. 2017; TFF (min/max, 8 bits)
 ``QSGD``                    ``qsgd``                yes       Alistarh et al., NeurIPS 2017
 ``RandomRotation(inner)``   ``rot+<inner>``         =inner    Suresh et al. 2017 (randomized Hadamard)
+``Kashin(inner)``           ``kashin<r>+<inner>``   =inner    Lyubarskii & Vershynin 2010; Caldas et al. 2018
 ``DRIVE``                   ``drive``               yes*      Vargaftik et al., NeurIPS 2021
 ``EDEN``                    ``eden`` / ``eden-rk``  yes       Vargaftik et al., ICML 2022
 ``GaussianLloydMax``        ``lmg``                 option    Lloyd 1957 / Max 1960 (after rotation)
@@ -30,12 +31,15 @@ codec                       tag                     unbiased  paper
 passes :func:`fedzip.testing.check_compressor`.
 """
 
+from collections.abc import Callable
+
 from fedzip.codecs.adaptive import AdaptiveBits
 from fedzip.codecs.base import Codec, Float32
 from fedzip.codecs.ecsq import GaussianECSQ
 from fedzip.codecs.eden import DRIVE, EDEN
 from fedzip.codecs.entropy import EntropyCoded
 from fedzip.codecs.feedback import ErrorFeedback
+from fedzip.codecs.kashin import Kashin, kashin_uniform
 from fedzip.codecs.lloydmax import GaussianLloydMax, LloydMax
 from fedzip.codecs.lossless import Zstd
 from fedzip.codecs.policy import CodecPolicy, above_threshold, as_policy
@@ -46,7 +50,6 @@ from fedzip.codecs.presets import (
     eden_ans,
     powersgd_ef,
     qsgd_ans,
-    registry,
     rotated_lloyd_max,
     rotated_uniform,
     sign_ef,
@@ -54,12 +57,20 @@ from fedzip.codecs.presets import (
     topk_ef,
     zstd_uniform,
 )
+from fedzip.codecs.presets import registry as _presets_registry
 from fedzip.codecs.qsgd import QSGD
 from fedzip.codecs.rotation import RandomRotation
 from fedzip.codecs.sign import ScaledSign, SignSGD
 from fedzip.codecs.sparsify import RandK, TopK
 from fedzip.codecs.symbols import Side, SymbolCodec, Symbols, Transform
 from fedzip.codecs.uniform import UniformQuantization
+
+
+def registry() -> dict[str, Callable[..., Codec]]:
+    """Codec names (for configuration strings) and their factories: those of
+    :func:`fedzip.codecs.presets.registry`, and ``kashin`` (``kashin:bits=2``)."""
+    return {**_presets_registry(), "kashin": kashin_uniform}
+
 
 __all__ = [
     "DRIVE",
@@ -73,6 +84,7 @@ __all__ = [
     "Float32",
     "GaussianECSQ",
     "GaussianLloydMax",
+    "Kashin",
     "LloydMax",
     "PowerSGD",
     "RandK",
@@ -91,6 +103,7 @@ __all__ = [
     "as_policy",
     "ecsq",
     "eden_ans",
+    "kashin_uniform",
     "powersgd_ef",
     "qsgd_ans",
     "registry",

@@ -21,12 +21,12 @@ keeps that state in its own state keyed by client id, never in globals.
 from __future__ import annotations
 
 import abc
-import struct
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from fedzip.bytereader import Reader  # noqa: F401 - codecs read their bytes with it (fedzip.bytereader)
 from fedzip.errors import NonFiniteUpdateError, PayloadError
 
 
@@ -145,57 +145,6 @@ def finite_output(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.T
     if not is_finite(t):
         raise PayloadError(f"{what}: decoded values are not finite (forged scale or levels)")
     return t
-
-
-class Reader:
-    """A cursor over untrusted bytes that checks every length before slicing."""
-
-    def __init__(self, data: bytes | memoryview, what: str) -> None:
-        self.view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-        self.pos = 0
-        self.what = what
-
-    def take(self, n: int, field: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.view):
-            raise PayloadError(
-                f"{self.what}: {field} needs {n} bytes at offset {self.pos}, {len(self.view) - self.pos} left"
-            )
-        out = self.view[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, field: str) -> tuple:
-        s = struct.Struct("<" + fmt)
-        return s.unpack(self.take(s.size, field))
-
-    def u8(self, field: str) -> int:
-        return self.take(1, field)[0]
-
-    def u32(self, field: str) -> int:
-        return self.unpack("I", field)[0]
-
-    def f32(self, field: str, positive: bool = False) -> float:
-        v = self.unpack("f", field)[0]
-        if not np.isfinite(v) or (positive and v <= 0):
-            raise PayloadError(f"{self.what}: {field} is {v}, expected a finite{' positive' if positive else ''} value")
-        return v
-
-    def f32_array(self, n: int, field: str) -> np.ndarray:
-        arr = np.frombuffer(self.take(4 * n, field), dtype="<f4").astype(np.float32)
-        if not np.isfinite(arr).all():
-            raise PayloadError(f"{self.what}: {field} holds non-finite values")
-        return arr
-
-    @property
-    def left(self) -> int:
-        return len(self.view) - self.pos
-
-    def rest(self) -> memoryview:
-        return self.take(self.left, "rest")
-
-    def done(self) -> None:
-        if self.pos != len(self.view):
-            raise PayloadError(f"{self.what}: {len(self.view) - self.pos} unexpected trailing bytes")
 
 
 def numel_of(shape: tuple[int, ...]) -> int:

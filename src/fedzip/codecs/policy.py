@@ -41,6 +41,12 @@ class CodecPolicy:
             return self.overrides[name]
         return self.codec if numel > self.threshold else self.small
 
+    def summable(self) -> bool:
+        """True when every codec can add encodings before decoding (secure sums)."""
+        from fedzip.codecs.summable import SummableCodec
+
+        return all(isinstance(c, SummableCodec) for c in self.codecs())
+
     def codecs(self) -> list[Codec]:
         """Every codec this policy can choose (for state init and validation)."""
         return [self.codec, self.small, *self.overrides.values()]

@@ -32,6 +32,7 @@ leaves a half file where a loader would find it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from fedzip.data.h5 import H5ClientData
 from fedzip.errors import DataError
+from fedzip.fileio import atomic_file, atomic_write
 
 __all__ = ["EMNIST_SHA256", "EMNIST_URLS", "emnist_prefix", "find_emnist", "load_emnist"]
 
@@ -169,7 +171,7 @@ def download_emnist(
             )
         outputs = _extract(tmp, url, prefix, target)
         if expected is None:
-            _atomic_write_text(record, f"{digest}  {archive_name}\n")
+            atomic_write(record, f"{digest}  {archive_name}\n".encode())
     return outputs
 
 
@@ -230,13 +232,9 @@ def _extract(archive: Path, url: str, prefix: str, target: Path) -> tuple[Path, 
             for name, dest in wanted.items():
                 src = tar.extractfile(members[name])
                 assert src is not None  # a regular file always has content
-                with _temp_file(target, name) as tmp:
-                    with open(tmp, "wb") as out:
-                        shutil.copyfileobj(src, out, _CHUNK)
-                        out.flush()
-                        os.fsync(out.fileno())
-                    _check_h5(tmp, url, name)  # refuse what the loader would reject
-                    os.replace(tmp, dest)
+                # refuse what the loader would reject before it takes the final name
+                with atomic_file(dest, check=functools.partial(_check_h5, url=url, name=name)) as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
     except (tarfile.TarError, EOFError, OSError, DataError) as e:
         # Never leave one of the pair behind: a lone file would look like a cache.
         for dest in wanted.values():
@@ -245,7 +243,6 @@ def _extract(archive: Path, url: str, prefix: str, target: Path) -> tuple[Path, 
         if isinstance(e, DataError):
             raise
         raise DataError(f"{url}: cannot extract the archive: {e}") from None
-    _fsync_dir(target)
     return wanted[f"{prefix}_train.h5"], wanted[f"{prefix}_test.h5"]
 
 
@@ -254,23 +251,3 @@ def _check_h5(path: Path, url: str, name: str) -> None:
         H5ClientData(path).close()
     except DataError as e:
         raise DataError(f"{url}: {name} in the archive is unusable: {e}") from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with _temp_file(path.parent, path.name) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the renames durable; not every platform/file system allows it.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -24,7 +24,10 @@ from fedzip.errors import DataError
 
 @dataclass(frozen=True)
 class ClientExamples:
-    """One client's examples: ``x`` float32 ``[n, ...]`` and ``y`` int64 ``[n]``."""
+    """One client's examples: ``x`` ``[n, ...]`` and ``y`` ``[n, ...]``, any
+    dtypes the task takes (float32 images and int64 labels ``[n]`` for the
+    image task; int64 character ids ``[n, 80]`` and targets ``[n, 80]`` for
+    Shakespeare). The first axis counts examples."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -57,15 +60,22 @@ class Preprocess:
     The shuffle is tf.data's buffer shuffle (fill a buffer, emit a random slot,
     refill it with the next element), so a buffer smaller than the data gives
     the same partially-local order TFF gives.
+
+    ``max_batches`` caps the batches a client trains on per round (TFF's
+    ``ClientSpec.max_elements``, taken after batching): a client with
+    thousands of examples then costs no more than ``max_batches`` steps.
     """
 
     batch_size: int = 20
     epochs: int = 1
     shuffle_buffer: int = 418
+    max_batches: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "shuffle_buffer"):
+        for name in ("batch_size", "epochs", "shuffle_buffer", "max_batches"):
             value = getattr(self, name)
+            if value is None and name == "max_batches":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Preprocess.{name} must be a positive integer, got {value!r}")
 
@@ -81,6 +91,8 @@ class Preprocess:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` batches; the last one may be smaller (TF's ``batch``)."""
         order = torch.from_numpy(self.order(len(examples), generator))
+        if self.max_batches is not None:
+            order = order[: self.max_batches * self.batch_size]
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             yield examples.x[idx], examples.y[idx]

@@ -12,6 +12,11 @@ The pixels are handed to the model unchanged (TFF's convention, see
 
 The file is opened once and a client's datasets are read only when that client
 is asked for, so sampling ten clients of EMNIST's 3,400 reads ten clients.
+
+:class:`H5Examples` is that file handling alone (open once, reopen after a
+fork or unpickling, list the client ids); :class:`H5ClientData` adds the image
+datasets, and :class:`fedzip.data.shakespeare.ShakespeareH5ClientData` TFF's
+Shakespeare ``snippets``. :func:`h5_client_datasets` says which a file holds.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import h5py
 import numpy as np
@@ -28,7 +33,7 @@ import torch
 from fedzip.data.federated import ClientExamples
 from fedzip.errors import DataError
 
-__all__ = ["H5ClientData", "check_images", "check_pixel_meta"]
+__all__ = ["H5ClientData", "H5Examples", "check_images", "check_pixel_meta", "h5_client_datasets"]
 
 
 def check_pixel_meta(
@@ -74,38 +79,27 @@ def check_images(
         raise DataError(f"{where}: negative label {int(labels.min())}")
 
 
-class H5ClientData:
-    """Clients of one HDF5 file in TFF's federated EMNIST layout.
+class H5Examples:
+    """The file handling shared by readers of TFF's HDF5 client layout,
+    ``/examples/<client_id>/<dataset>``: opened once, a client's group looked
+    up only when asked for.
 
-    Args:
-        path: the ``.h5`` file.
-        num_classes: the number of classes; if ``None`` it is inferred on first
-            use as ``max label + 1`` over all clients (this reads every client's
-            label dataset, not its pixels, and does not count in :attr:`reads`).
-        image_shape: the shape of one image; TFF's EMNIST is 28x28.
+    It pickles without its open file handle and reopens the file on first use
+    after unpickling, so it can be shipped to Ray workers (the path must then
+    be readable there too). It also reopens after a ``fork``: HDF5 handles
+    must not be shared between processes.
 
     Attributes:
-        reads: how many clients have been read by :meth:`client`, so tests
+        reads: how many clients subclasses have read (they count it), so tests
             (and curious users) can check that sampling reads only what it samples.
-
-    The object pickles without its open file handle and reopens the file on
-    first use after unpickling, so it can be shipped to Ray workers (the path
-    must then be readable there too). It also reopens after a ``fork``: HDF5
-    handles must not be shared between processes.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        num_classes: int | None = None,
-        image_shape: tuple[int, ...] = (28, 28),
-    ) -> None:
+    #: the datasets each client holds, for error messages
+    layout = "/examples/<client_id>/..."
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.image_shape = tuple(image_shape)
         self.reads = 0
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise DataError(f"{self.path}: num_classes must be a positive integer, got {num_classes!r}")
-        self._num_classes = num_classes
         self._file: h5py.File | None = None
         self._pid: int | None = None
         # Validate eagerly (missing file, not HDF5, no /examples) and list the ids:
@@ -140,7 +134,7 @@ class H5ClientData:
         if not isinstance(group, h5py.Group):
             raise DataError(
                 f"{self.path}: no /examples group (top level has {sorted(f.keys())[:5]}); "
-                "expected TFF's layout /examples/<client_id>/{pixels,label}"
+                f"expected TFF's layout {self.layout}"
             )
         return group
 
@@ -152,7 +146,7 @@ class H5ClientData:
             finally:
                 self._file = None
 
-    def __enter__(self) -> H5ClientData:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -169,9 +163,9 @@ class H5ClientData:
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"H5ClientData({str(self.path)!r}, clients={len(self._ids)})"
+        return f"{type(self).__name__}({str(self.path)!r}, clients={len(self._ids)})"
 
-    # -- FederatedData ------------------------------------------------------
+    # -- clients ------------------------------------------------------------
 
     @property
     def client_ids(self) -> Sequence[str]:
@@ -194,6 +188,55 @@ class H5ClientData:
                 f"(found {sorted(group.keys())})"
             )
         return ds
+
+
+def h5_client_datasets(path: str | os.PathLike[str]) -> frozenset[str]:
+    """The dataset names the first client of a TFF-layout file holds, from
+    metadata (``{"pixels", "label"}`` for EMNIST, ``{"snippets"}`` for
+    Shakespeare; empty for a file without clients). Raises :class:`DataError`
+    like the readers for a missing or malformed file."""
+    with H5Examples(path) as h5:
+        if not h5.client_ids:
+            return frozenset()
+        group = h5._group(h5.client_ids[0])
+        return frozenset(k for k in group.keys() if isinstance(group.get(k), h5py.Dataset))
+
+
+class H5ClientData(H5Examples):
+    """Clients of one HDF5 file in TFF's federated EMNIST layout.
+
+    Args:
+        path: the ``.h5`` file.
+        num_classes: the number of classes; if ``None`` it is inferred on first
+            use as ``max label + 1`` over all clients (this reads every client's
+            label dataset, not its pixels, and does not count in :attr:`reads`).
+        image_shape: the shape of one image; TFF's EMNIST is 28x28.
+
+    Attributes:
+        reads: how many clients have been read by :meth:`client`, so tests
+            (and curious users) can check that sampling reads only what it samples.
+
+    The object pickles without its open file handle and reopens the file on
+    first use after unpickling, so it can be shipped to Ray workers (the path
+    must then be readable there too). It also reopens after a ``fork``: HDF5
+    handles must not be shared between processes.
+    """
+
+    layout = "/examples/<client_id>/{pixels,label}"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        num_classes: int | None = None,
+        image_shape: tuple[int, ...] = (28, 28),
+    ) -> None:
+        self.image_shape = tuple(image_shape)
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise DataError(f"{Path(path)}: num_classes must be a positive integer, got {num_classes!r}")
+        self._num_classes = num_classes
+        super().__init__(path)
+
+    # -- FederatedData ------------------------------------------------------
 
     def num_examples(self, client_id: str) -> int:
         """A client's example count, from the label dataset's shape (no data read)."""

@@ -1,34 +1,22 @@
-"""Executors: map the round's client work over the sampled clients.
+"""The Ray backend: client work on Ray actors that keep the model built.
 
-An executor takes a picklable ``work(data, task)`` callable, the federated
-data and the round's tasks, and yields one result per task **in task order**
-(so the server folds updates in the same order on every backend, which keeps
-float sums, and therefore runs, bit-identical). A task that raises yields a
-:class:`~fedzip.errors.ClientFailure` instead of stopping the round.
+``pip install 'fedzip[ray]'``, ``backend="ray"``. The broadcast goes through
+Ray's object store once per round, the work and the data once per executor;
+small clients go several to an actor call; at most ``max_in_flight`` tasks
+are submitted ahead of the one the server waits for. A worker that dies (a
+crash, ``os._exit``, the OOM killer, a timeout) is reported as the failure of
+the client it was running and is replaced; the clients queued behind it are
+run again elsewhere.
 
-``map`` is a generator: the server folds each result into running sums as it
-comes, so no executor ever holds a round's results in a list.
+Every worker runs its clients under an explicit number of torch threads (see
+:mod:`fedzip.execution.base`), so results are bit-identical to
+:class:`~fedzip.execution.LocalExecutor` with the same ``threads``.
 
-Two backends:
-
-* :class:`LocalExecutor` (the default): in-process, one client after another.
-* :class:`RayExecutor` (``pip install 'fedzip[ray]'``, ``backend="ray"``):
-  client work runs on Ray actors that keep the model built; the broadcast goes
-  through Ray's object store once per round, the work and the data once per
-  executor; small clients go several to an actor call; at most
-  ``max_in_flight`` tasks are submitted ahead of the one the server waits for. A worker that dies (a crash, ``os._exit``, the OOM killer,
-  a timeout) is reported as the failure of the client it was running and is
-  replaced; the clients queued behind it are run again elsewhere.
-
-Determinism across backends: torch's CPU kernels (oneDNN convolutions, MKL
-matrix products) give results that differ in the last bits with the number of
-intra-op threads, and are bit-for-bit repeatable for a fixed number. Client
-training therefore runs under an explicit ``threads`` count: Ray workers
-always set it (default ``cpus // num_workers``, at least 1, so workers do not
-oversubscribe the cores); :class:`LocalExecutor` applies it around each
-client's work when given (default: leave torch's setting alone). Runs with the
-same seed and the same ``threads`` are bit-identical on either backend, on
-machines of the same CPU type.
+The pieces, in order: :class:`_RayWorker` (the body of an actor),
+:class:`_Slot` (one worker place and its queue), :class:`RayExecutor`
+(settings, chunk sizing, starting or joining Ray, workers' lifecycle) and
+:class:`_Round` (the scheduling of one ``map``). Ray itself is imported only
+when an executor first needs it.
 """
 
 from __future__ import annotations
@@ -43,66 +31,14 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from fedzip.errors import ClientFailure, ConfigError, RoundFailedError
+from fedzip.execution.base import check_threads
 
-
-class Executor(Protocol):
-    def map(
-        self, work: Callable[[Any, Any], Any], data: Any, tasks: Sequence[Any]
-    ) -> Iterator[Any]: ...
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op torch threads (None: leave them as they are)."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _check_threads(threads: int | None) -> None:
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
-
-
-class LocalExecutor:
-    """In-process and sequential: the default, with no extra dependency.
-
-    ``threads``: intra-op torch threads while a client trains (restored after
-    each client, so evaluation and the server keep theirs); None leaves torch's
-    setting alone. Give the Ray workers' count to get bit-identical runs.
-    """
-
-    def __init__(self, threads: int | None = None) -> None:
-        _check_threads(threads)
-        self.threads = threads
-
-    def map(self, work, data, tasks):
-        for task in tasks:
-            try:
-                with torch_threads(self.threads):
-                    res = work(data, task)
-            except Exception as e:  # a client's failure is reported, not fatal
-                res = ClientFailure(task.client_id, f"{type(e).__name__}: {e}")
-            yield res
-
-    def close(self) -> None:
-        pass
-
-
-# --------------------------------------------------------------------------
-# Ray
-# --------------------------------------------------------------------------
+__all__ = ["RayExecutor", "ray_available"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +178,7 @@ class RayExecutor:
             raise ConfigError("the Ray backend needs Ray: pip install 'fedzip[ray]'")
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
-        _check_threads(threads)
+        check_threads(threads)
         if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
             raise ConfigError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -605,29 +541,3 @@ class _Round:
         self.done.clear()
         for slot in self.ex._slots:
             slot.queue.clear()
-
-
-# --------------------------------------------------------------------------
-# From a RunConfig
-# --------------------------------------------------------------------------
-
-
-def make_executor(config: Any) -> Executor:
-    """The executor a :class:`~fedzip.config.RunConfig` asks for: ``backend``
-    ``"local"`` or ``"ray"`` (with ``num_workers``, ``ray_address`` and, when
-    the config has one, ``threads``)."""
-    threads = getattr(config, "threads", None)
-    backend = getattr(config, "backend", "local")
-    if backend == "local":
-        return LocalExecutor(threads=threads)
-    if backend == "ray":
-        return RayExecutor(
-            num_workers=config.num_workers,
-            address=getattr(config, "ray_address", None),
-            threads=threads,
-            task_timeout=getattr(config, "task_timeout", None),
-        )
-    raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
-
-
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "make_executor", "ray_available", "torch_threads"]
