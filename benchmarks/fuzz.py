@@ -227,7 +227,7 @@ def t_update(msg: bytes, codec: Codec) -> str:
     try:
         m = decode_message(msg, expect=Kind.UPDATE)
         update = acc.decode_update(m)
-        acc.fold(m)
+        acc.fold_message(m)
     except PayloadError as e:
         return _rejected(e)
     _check_params(update)

@@ -23,6 +23,8 @@ def builtin() -> dict[str, C.Codec]:
     """Every codec class and composition with the settings worth covering."""
     return {
         "float32": C.Float32(),
+        "kashin2": C.kashin_uniform(2),
+        "ssq8": C.SharedScaleQuantization(8, bound=4.0),
         "uniform8": C.UniformQuantization(8),
         "uniform3-nearest": C.UniformQuantization(3, stochastic=False),
         "uniform12": C.UniformQuantization(12),

@@ -278,7 +278,7 @@ def test_every_codec_round_trips_through_the_aggregator(name):
     acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()})
     m = decode_message(valid_update(name), expect=Kind.UPDATE)
     _check_decoded(acc.decode_update(m))
-    acc.fold(m)
+    acc.fold_message(m)
     assert acc.count == 1
 
 
@@ -293,7 +293,7 @@ def test_mutated_updates_raise_payload_error_or_decode_finite(name, data):
     try:
         m = decode_message(msg, expect=Kind.UPDATE)
         update = acc.decode_update(m)
-        acc.fold(m)
+        acc.fold_message(m)
     except PayloadError as e:
         _own_payload_error(e)
     else:

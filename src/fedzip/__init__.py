@@ -22,8 +22,8 @@ from fedzip.aggregators import (
 from fedzip.algorithms import (
     ClientHooks,
     ClientWork,
-    FedProx,
     FederatedAlgorithm,
+    FedProx,
     ServerState,
     WeightedFedAvg,
     fedprox,
@@ -42,8 +42,8 @@ from fedzip.errors import (
 )
 from fedzip.execution import LocalExecutor
 from fedzip.models import FedAvgCNN, fedavg_cnn
-from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 from fedzip.seeding import derive_seed, sample_clients
+from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 
 __version__ = "0.1.0"
 

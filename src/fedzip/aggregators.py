@@ -161,9 +161,10 @@ class Stage(abc.ABC):
     (and reports scalars), and a server side that sees the round's aggregate.
 
     ``report_bounds`` names each report a client may send and the range one
-    client's value is clamped to before it is summed (a 0/1 indicator is
+    client's value is clamped to before it is summed: a 0/1 indicator is
     clamped to [0, 1], so a lying client moves an adaptive norm no more than an
-    honest one could); reports without bounds are summed as sent.
+    honest one could; a norm is bounded by ``(0, inf)`` and summed as sent.
+    Reports a stage does not declare are ignored.
     """
 
     key: str
@@ -236,7 +237,9 @@ class Clipping(_NormStage):
     """Project the update onto the L2 ball of the bound (TFF's
     ``clipping_factory``). Measurements: ``clipping_norm``, ``clipped_count``."""
 
-    report_bounds = {"clipped": (0.0, 1.0), "below": (0.0, 1.0)}
+    # "norm" is the client's L2 norm before clipping, bounded only to be >= 0:
+    # its mean is a measurement, it moves no state
+    report_bounds = {"clipped": (0.0, 1.0), "below": (0.0, 1.0), "norm": (0.0, math.inf)}
 
     def client(self, scalars: Mapping[str, float], update: Params) -> tuple[Params, dict[str, float]]:
         norm = tree.global_norm(update, 2.0)
@@ -244,15 +247,44 @@ class Clipping(_NormStage):
         clipped = math.isfinite(norm) and norm > bound
         if clipped:
             update = tree.scale(update, bound / norm)
-        report = {"clipped": float(clipped)}
+        report = {"clipped": float(clipped), "norm": norm if math.isfinite(norm) else 0.0}
         if "estimate" in scalars:
             report["below"] = float(math.isfinite(norm) and norm <= scalars["estimate"])
         return update, report
 
     def server(self, state, aggregate, reports, rng):
         new_state = self.norm.update(state, reports.get("below", 0.0) / max(aggregate.count, 1))
-        meas = {"clipping_norm": self.norm.threshold(state), "clipped_count": reports.get("clipped", 0.0)}
+        meas = {"clipping_norm": self.norm.threshold(state), "clipped_count": reports.get("clipped", 0.0),
+                "mean_norm": reports.get("norm", 0.0) / max(aggregate.count, 1)}
         return aggregate, new_state, meas
+
+
+@dataclass(frozen=True)
+class GaussianNoise(Stage):
+    """Gaussian noise of standard deviation ``stddev`` added once, on the server,
+    to every coordinate of the sum of the updates (the Gaussian mechanism of
+    DP-FedAvg: McMahan, Ramage, Talwar, Zhang, ICLR 2018, with ``stddev`` =
+    noise multiplier × clipping norm). The noise is drawn from the generator
+    keyed by (seed, round, stage), so runs repeat and restarts draw the same.
+    Put clipping inside it (``gaussian_noise(clipping(mean(weighted=False), C), z * C)``)
+    so that one client's contribution to the sum is bounded by C."""
+
+    stddev: float
+    key: str = "noise"
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def broadcast(self, state):
+        return {}
+
+    def client(self, scalars, update):
+        return update, {}
+
+    def server(self, state, aggregate, reports, rng):
+        sums = {k: v + torch.randn(v.shape, generator=rng, dtype=torch.float64) * self.stddev
+                for k, v in aggregate.sums.items()}
+        return Aggregate(sums, aggregate.weight_sum, aggregate.count), dict(state), {"stddev": self.stddev}
 
 
 # --------------------------------------------------------------------------
@@ -352,9 +384,9 @@ class Aggregator:
             for k, v in reports.items():
                 if not k.startswith(prefix):
                     continue
-                name = k[len(prefix):]
-                lo, hi = s.report_bounds.get(name, (-math.inf, math.inf))
-                sums[k] = sums.get(k, 0.0) + min(hi, max(lo, v))
+                bounds = s.report_bounds.get(k[len(prefix):])
+                if bounds is not None:  # a report the stage did not declare counts nowhere
+                    sums[k] = sums.get(k, 0.0) + min(bounds[1], max(bounds[0], v))
 
     def finalize(
         self, state: Mapping[str, Any], acc: Accumulator, report_sums: Mapping[str, float],
@@ -374,6 +406,31 @@ class Aggregator:
             aggregate, new_state[s.key], meas = s.server(state[s.key], aggregate, mine, rng)
             measurements.update({f"{s.key}/{k}": v for k, v in meas.items()})
         return aggregate.mean(acc.template), new_state, measurements
+
+
+def client_scalars(scalars: Mapping[str, float]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """A client's scalars, checked: (weight, train sums, stage reports).
+
+    Everything a client reports is its word: the weight must be finite and
+    non-negative, training sums finite and non-negative, reports finite. A
+    client whose training diverged reports a non-finite loss honestly: its
+    train sums are left out and it is counted in ``diverged_clients``.
+    """
+    rest = dict(scalars)
+    weight = rest.pop("weight", None)
+    if weight is None or not math.isfinite(weight) or weight < 0:
+        raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
+    train = {k[6:]: v for k, v in rest.items() if k.startswith("train/")}
+    reports = {k: v for k, v in rest.items() if not k.startswith("train/")}
+    if not math.isfinite(train.get("loss_sum", 0.0)):
+        train = {"diverged_clients": 1.0}
+    for k, v in train.items():
+        if not math.isfinite(v) or v < 0:
+            raise PayloadError(f"update scalar 'train/{k}' is {v!r}; counts and sums must be finite and >= 0")
+    for k, v in reports.items():
+        if not math.isfinite(v):
+            raise PayloadError(f"update scalar {k!r} is {v!r}; scalars must be finite")
+    return float(weight), train, reports
 
 
 class Accumulator(abc.ABC):
@@ -397,6 +454,13 @@ class Accumulator(abc.ABC):
     @abc.abstractmethod
     def result(self) -> Aggregate: ...
 
+    def fold_message(self, message: Message) -> tuple[dict[str, float], dict[str, float]]:
+        """Check a whole update message's scalars (:func:`client_scalars`) and fold
+        its tensors; returns its train sums and stage reports."""
+        weight, train, reports = client_scalars(message.scalars)
+        self.fold(message.tensors, weight)
+        return train, reports
+
 
 class StreamingMean(Accumulator):
     """Running weighted sums: each client's update is decoded and folded as it arrives.
@@ -412,8 +476,10 @@ class StreamingMean(Accumulator):
         self.weight_sum = 0.0
         self.coord_weights: dict[str, torch.Tensor] | None = None
 
-    def decode_update(self, tensors: Sequence[TensorRecord]) -> Params:
+    def decode_update(self, tensors: Sequence[TensorRecord] | Message) -> Params:
         """Validate a client's tensors against the template and decode them."""
+        if isinstance(tensors, Message):
+            tensors = tensors.tensors
         return decode_params(
             Message(Kind.UPDATE, {}, list(tensors)),
             {k: shape for k, (shape, _) in self.template.items()}, self.aggregator.policy,
@@ -527,6 +593,19 @@ def zeroing(inner: Aggregator, norm: float | NormSpec, norm_order: float = math.
     if not (norm_order in (1.0, 2.0) or math.isinf(norm_order)):
         raise ConfigError(f"zeroing norm_order must be 1, 2 or inf, got {norm_order!r}")
     return _wrap(inner, Zeroing, norm, "zeroing", norm_order=float(norm_order))
+
+
+def gaussian_noise(inner: Aggregator, stddev: float) -> Aggregator:
+    """Add Gaussian noise of ``stddev`` to the sum of ``inner``'s updates, on the server."""
+    if not (isinstance(stddev, (int, float)) and math.isfinite(stddev) and stddev >= 0):
+        raise ConfigError(f"noise stddev must be a finite number >= 0, got {stddev!r}")
+    if not isinstance(inner, Aggregator):
+        raise ConfigError(f"inner must be an Aggregator, got {type(inner).__name__}")
+    keys = {s.key for s in inner.stages}
+    key, i = "noise", 1
+    while key in keys:
+        key, i = f"noise_{i}", i + 1
+    return replace(inner, stages=(GaussianNoise(float(stddev), key), *inner.stages))
 
 
 def default_zeroing_norm() -> AdaptiveNorm:

@@ -6,11 +6,12 @@ from DIR's last good checkpoint). Bad input ends in one line,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from fedzip.config import RunConfig
+from fedzip.config import FIELD_HELP, RunConfig
 from fedzip.errors import ConfigError, FedzipError
 
 
@@ -27,11 +28,20 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-        p.add_argument(flag, dest=f.name, type=conv, default=None, help=f"(default {f.default!r})")
+        p.add_argument(flag, dest=f.name, type=conv, default=None,
+                       help=f"{FIELD_HELP[f.name]} (default {f.default!r})")
 
 
 def _config_from(args: argparse.Namespace, base: RunConfig) -> RunConfig:
     changes = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name) is not None}
+    for f in fields(RunConfig):
+        value = changes.get(f.name)
+        # fields that take nested objects accept JSON on the command line too
+        if "dict" in str(f.type) and isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                changes[f.name] = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--{f.name.replace('_', '-')}: not valid JSON: {e}") from None
     return RunConfig.from_dict({**base.to_dict(), **changes})
 
 
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="fedzip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="one run, from flags or --config FILE")
-    p_run.add_argument("--config", help="a JSON config (e.g. a previous run's run.json)")
+    p_run.add_argument("--config", help="a JSON config (e.g. a previous run's run.json); flags override it")
     p_run.add_argument("--logdir", default=None, help="metrics go to LOGDIR/NAME (default runs/NAME)")
     p_run.add_argument("--resume", metavar="DIR", default=None,
                        help="go on from the last good checkpoint in DIR (a run's LOGDIR/NAME), "
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_flags(p_run)
     p_run.set_defaults(fn=cmd_run)
     p_tut = sub.add_parser("tutorial", help="the seed experiment: mean vs compression aggregator")
-    p_tut.add_argument("--logdir", default="runs/tutorial")
+    p_tut.add_argument("--logdir", default="runs/tutorial", help="where both runs and the plot go")
     _add_config_flags(p_tut)
     p_tut.set_defaults(fn=cmd_tutorial)
     args = parser.parse_args(argv)

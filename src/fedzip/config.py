@@ -121,6 +121,42 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: one line per field: the CLI's --help and the docs
+FIELD_HELP: dict[str, str] = {
+    "dataset": "data set name (mnist5k, unipen, shakespeare, h5:TRAIN,TEST, ...) or module:function "
+               "returning (train, test, info)",
+    "task": "what is learned: auto (the data set's own), images, shakespeare, or module:attribute",
+    "algorithm": "fedavg, fedprox:mu=0.01, ... (name:key=value or a JSON object in a config file)",
+    "aggregator": "uplink chain: mean, compression, robust, a codec spec like eden:bits=2, or a nested "
+                  "JSON object",
+    "broadcast": "downlink codec: float32 or a codec spec like eden:bits=4",
+    "rounds": "number of rounds to run",
+    "clients_per_round": "clients sampled each round (keyed by seed and round)",
+    "batch_size": "client batch size",
+    "epochs": "local epochs per round",
+    "shuffle_buffer": "tf.data-style shuffle buffer of each client",
+    "max_batches": "cap on the batches a client trains on per round (TFF's max_elements)",
+    "client_optimizer": "client optimizer: sgd, adam, adagrad, module:Class, or a JSON object with "
+                        "its arguments",
+    "client_lr": "client learning rate (unless the optimizer object sets lr)",
+    "server_optimizer": "server optimizer on minus the mean delta: sgd (FedAvg), adam, adagrad, ...",
+    "server_lr": "server learning rate (1.0 with sgd is plain FedAvg)",
+    "server_momentum": "server SGD momentum (FedAvgM)",
+    "eval_every": "evaluate on the test clients every N rounds (0: only after the last)",
+    "eval_batch_size": "batch size of evaluation",
+    "eval_clients": "evaluate on this many sampled test clients (default all)",
+    "seed": "seed of every random draw (sampling, shuffling, codecs)",
+    "min_clients": "clients that must succeed for a round to count (default all)",
+    "backend": "where client work runs: local or ray",
+    "ray_address": "a Ray cluster to join (auto, host:6379, ray://...); default a fresh local one",
+    "num_workers": "Ray workers",
+    "threads": "torch threads per client worker (default: leave torch's setting locally)",
+    "device": "where clients train and evaluation runs: cpu, cuda, ...",
+    "checkpoint_every": "write a checkpoint every N rounds (0: never)",
+    "name": "run name: metrics go to LOGDIR/NAME",
+}
+
+
 def _check_type(name: str, value: Any, annotation: str) -> None:
     ann = str(annotation)
     optional = "None" in ann
@@ -331,6 +367,11 @@ def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
             if norm is None:
                 raise ConfigError(f"{where}: {kind} needs a norm")
             return (clipping if kind == "clipping" else zeroing)(inner, norm, **opts)
+        if kind == "noise":
+            from fedzip.aggregators import gaussian_noise
+
+            inner = _aggregator_from_dict(opts.pop("inner", {"type": "mean"}), f"{where}.inner")
+            return gaussian_noise(inner, **opts)
         if kind == "robust":
             inner = _aggregator_from_dict(opts.pop("inner", {"type": "mean"}), f"{where}.inner")
             return robust_aggregator(inner, **opts)
@@ -338,8 +379,8 @@ def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
             return compression_aggregator(**opts)
     except TypeError as e:
         raise ConfigError(f"{where} {dict(spec)!r}: {e}") from None
-    raise ConfigError(f"{where}: type {kind!r} unknown; choose from mean, clipping, zeroing, robust, "
-                      "compression")
+    raise ConfigError(f"{where}: type {kind!r} unknown; choose from mean, clipping, zeroing, noise, "
+                      "robust, compression")
 
 
 def build_codec(spec: str | Mapping[str, Any], where: str = "codec"):

@@ -29,7 +29,6 @@ keyed by client: only CPU generators are, so bit-identical runs need the CPU.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from fedzip import tree
-from fedzip.aggregators import Aggregator, StreamingMean, mean
+from fedzip.aggregators import Aggregator, StreamingMean, client_scalars, mean
 from fedzip.algorithms.client import (
     GROUP_SEP,
     ClientHooks,
@@ -50,7 +49,7 @@ from fedzip.algorithms.client import (
     join_groups,
 )
 from fedzip.algorithms.state import ServerState
-from fedzip.clientstate import ClientStates, MemoryStates
+from fedzip.clientstate import ClientStates, DiskStates, MemoryStates
 from fedzip.codecs import Codec, CodecPolicy, as_policy
 from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
 from fedzip.errors import ClientFailure, ConfigError, DataError, PayloadError, RoundFailedError
@@ -83,31 +82,6 @@ def as_task(task: Task | None, model_fn: Callable[[], nn.Module] | None, loss_fn
     kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
     # the classic signature: any model, cross-entropy and accuracy, no image checks
     return Task(name="custom", model_fn=model_fn, metrics=base.metrics, **kw)
-
-
-def client_scalars(scalars: Mapping[str, float]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """A client's scalars, checked: (weight, train sums, stage reports).
-
-    Everything a client reports is its word: the weight must be finite and
-    non-negative, training sums finite and non-negative, reports finite. A
-    client whose training diverged reports a non-finite loss honestly: its
-    train sums are left out and it is counted in ``diverged_clients``.
-    """
-    rest = dict(scalars)
-    weight = rest.pop("weight", None)
-    if weight is None or not math.isfinite(weight) or weight < 0:
-        raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
-    train = {k[6:]: v for k, v in rest.items() if k.startswith("train/")}
-    reports = {k: v for k, v in rest.items() if not k.startswith("train/")}
-    if not math.isfinite(train.get("loss_sum", 0.0)):
-        train = {"diverged_clients": 1.0}
-    for k, v in train.items():
-        if not math.isfinite(v) or v < 0:
-            raise PayloadError(f"update scalar 'train/{k}' is {v!r}; counts and sums must be finite and >= 0")
-    for k, v in reports.items():
-        if not math.isfinite(v):
-            raise PayloadError(f"update scalar {k!r} is {v!r}; scalars must be finite")
-    return float(weight), train, reports
 
 
 class FederatedAlgorithm:
@@ -169,6 +143,9 @@ class FederatedAlgorithm:
         self.seed = int(seed)
         self.executor = executor or LocalExecutor()
         self.min_clients = min_clients
+        if max_client_states is not None and (not isinstance(max_client_states, int)
+                                              or isinstance(max_client_states, bool) or max_client_states < 0):
+            raise ConfigError(f"max_client_states must be a non-negative integer or None, got {max_client_states!r}")
         self.codec_states = MemoryStates(max_client_states)
         self.algorithm_states = client_states if client_states is not None else MemoryStates(None)
         self.work = ClientWork(
@@ -362,6 +339,8 @@ class FederatedAlgorithm:
         if len(algo_store) or new_algo:
             metrics["client_states/algorithm"] = len(algo_store)
             metrics["client_states/algorithm_bytes"] = algo_store.nbytes()
+            if isinstance(algo_store, DiskStates):
+                metrics["client_states/algorithm_disk_bytes"] = algo_store.disk_bytes()
         wall = time.perf_counter() - t_round
         metrics["time/round_s"] = wall
         metrics["time/per_client_s"] = wall / max(len(client_ids), 1)

@@ -31,8 +31,6 @@ codec                       tag                     unbiased  paper
 passes :func:`fedzip.testing.check_compressor`.
 """
 
-from collections.abc import Callable
-
 from fedzip.codecs.adaptive import AdaptiveBits
 from fedzip.codecs.base import Codec, Float32
 from fedzip.codecs.ecsq import GaussianECSQ
@@ -50,6 +48,7 @@ from fedzip.codecs.presets import (
     eden_ans,
     powersgd_ef,
     qsgd_ans,
+    registry,
     rotated_lloyd_max,
     rotated_uniform,
     sign_ef,
@@ -57,20 +56,13 @@ from fedzip.codecs.presets import (
     topk_ef,
     zstd_uniform,
 )
-from fedzip.codecs.presets import registry as _presets_registry
 from fedzip.codecs.qsgd import QSGD
 from fedzip.codecs.rotation import RandomRotation
 from fedzip.codecs.sign import ScaledSign, SignSGD
 from fedzip.codecs.sparsify import RandK, TopK
+from fedzip.codecs.summable import SharedScaleQuantization, SummableCodec, sum_bits
 from fedzip.codecs.symbols import Side, SymbolCodec, Symbols, Transform
 from fedzip.codecs.uniform import UniformQuantization
-
-
-def registry() -> dict[str, Callable[..., Codec]]:
-    """Codec names (for configuration strings) and their factories: those of
-    :func:`fedzip.codecs.presets.registry`, and ``kashin`` (``kashin:bits=2``)."""
-    return {**_presets_registry(), "kashin": kashin_uniform}
-
 
 __all__ = [
     "DRIVE",
@@ -85,6 +77,9 @@ __all__ = [
     "GaussianECSQ",
     "GaussianLloydMax",
     "Kashin",
+    "SharedScaleQuantization",
+    "SummableCodec",
+    "sum_bits",
     "LloydMax",
     "PowerSGD",
     "RandK",

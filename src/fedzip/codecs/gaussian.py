@@ -128,9 +128,3 @@ def ecsq_step(bits: float) -> float:
         else:
             hi = mid
     return float(np.float32(math.exp((lo + hi) / 2)))
-
-
-def unbiased_nmse(mse: float) -> float:
-    """NMSE of a quantizer with distortion ``mse`` (relative to the variance)
-    under EDEN's unbiased scale: ``mse / (1 - mse)``."""
-    return mse / (1.0 - mse)

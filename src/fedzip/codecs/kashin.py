@@ -34,6 +34,13 @@ one frame of ``D = next_pow2(redundancy * d)``; beyond, frames of
 with its own norm and levels. The inner codec codes the ``(blocks, D)``
 coefficients (``rows * D``, about ``redundancy * d`` values: bits per
 coordinate are ``redundancy`` times its own).
+
+Against a rotation + the same min/max uniform quantizer at equal measured
+bits per coordinate (``benchmarks/nmse.py --kashin``, d = 2^16, Gaussian,
+Student-t and one-spike vectors): with ``iterations=30, eta=0.8, delta=8``
+0.12-0.18x the NMSE at 1 bit (half the coefficients at 1 bit) and
+0.55-0.85x at 2, but 1.8-2.6x at 4 and 22-31x at 8 bits; TFF's settings
+lose from 2 bits on.
 """
 
 from __future__ import annotations
@@ -110,9 +117,10 @@ class Kashin(Transform):
         iterations: clipped rounds (TFF: 3).
         eta: the level's shrinkage per round, in (0, 1) (TFF: 0.9).
         delta: the first level is ``||x|| / sqrt(delta D)`` (> 0).
-        redundancy: coefficients per value, ``> 1`` (at most 16).
-        block_size: a power of two: the most coefficients in one frame; None
-            for one frame of the whole tensor.
+        redundancy: coefficients per value, at least (frames are powers of
+            two); in (1, 16].
+        block_size: a power of two: the most coefficients in one frame
+            (default 2^17); None for one frame of the whole tensor.
 
     Bytes: seed (u32) | inner's bytes for the ``rows x D`` coefficients
     (:meth:`frame_shape`); with ``UniformQuantization(b)``: ``4 + 8 +

@@ -13,6 +13,7 @@ from fedzip.codecs.ecsq import GaussianECSQ
 from fedzip.codecs.eden import DRIVE, EDEN
 from fedzip.codecs.entropy import EntropyCoded
 from fedzip.codecs.feedback import ErrorFeedback
+from fedzip.codecs.kashin import kashin_uniform
 from fedzip.codecs.lloydmax import GaussianLloydMax, LloydMax
 from fedzip.codecs.lossless import Zstd
 from fedzip.codecs.powersgd import PowerSGD
@@ -20,6 +21,7 @@ from fedzip.codecs.qsgd import QSGD
 from fedzip.codecs.rotation import DEFAULT_BLOCK, RandomRotation
 from fedzip.codecs.sign import ScaledSign, SignSGD
 from fedzip.codecs.sparsify import RandK, TopK
+from fedzip.codecs.summable import SharedScaleQuantization
 from fedzip.codecs.uniform import UniformQuantization
 
 
@@ -90,6 +92,8 @@ def registry() -> dict[str, Callable[..., Codec]]:
     """Codec names (for configuration strings) and their factories."""
     return {
         "float32": Float32,
+        "kashin": kashin_uniform,
+        "ssq": SharedScaleQuantization,
         "uniform": UniformQuantization,
         "rotated_uniform": rotated_uniform,
         "zstd_uniform": zstd_uniform,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedzip.bitpack import pack_symbols, packed_symbols_size, unpack_symbols
+from fedzip.bitpack import pack_symbols, unpack_symbols
 from fedzip.codecs.base import Codec, Reader, finite_output, flat_input, numel_of
 
 
@@ -89,9 +89,6 @@ class SymbolCodec(Codec):
         return finite_output(self.dequantize(symbols, side, shape), shape, self.tag)
 
 
-def plain_size(side_bytes: bytes, side: Side) -> int:
-    """Bytes of the plain (packed) encoding of quantized symbols."""
-    return len(side_bytes) + packed_symbols_size(side.count, side.alphabet)
 
 
 class Transform(SymbolCodec):

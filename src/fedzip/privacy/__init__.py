@@ -1,5 +1,9 @@
-"""Differential privacy pieces: exact integer noise samplers and privacy
-accounting over Google's ``dp_accounting``."""
+"""Differential privacy pieces: exact integer noise samplers
+(:mod:`fedzip.privacy.samplers`) and privacy accounting over Google's
+``dp_accounting`` (:mod:`fedzip.privacy.accounting`, imported on first use:
+``dp_accounting`` pulls in scipy, which the samplers do not need)."""
+
+from typing import Any
 
 from fedzip.privacy.samplers import (
     bernoulli_exp,
@@ -10,7 +14,19 @@ from fedzip.privacy.samplers import (
     skellam_array,
 )
 
+_ACCOUNTING = ("dp_event", "effective_noise_multiplier", "epsilon", "noise_for_epsilon")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ACCOUNTING:
+        from fedzip.privacy import accounting
+
+        return getattr(accounting, name)
+    raise AttributeError(f"module 'fedzip.privacy' has no attribute {name!r}")
+
+
 __all__ = [
     "bernoulli_exp", "discrete_gaussian", "discrete_gaussian_array", "discrete_laplace",
-    "discrete_laplace_array", "skellam_array",
+    "discrete_laplace_array", "dp_event", "effective_noise_multiplier", "epsilon",
+    "noise_for_epsilon", "skellam_array",
 ]

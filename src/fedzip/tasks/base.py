@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -189,8 +189,3 @@ class Task:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= self.num_classes:
                 raise DataError(f"{where} has labels outside 0..{self.num_classes - 1}")
-
-
-def summarize_sums(task: Task, sums: Mapping[str, Any]) -> dict[str, float]:
-    """The task's figures from summed metric sums (plain floats)."""
-    return task.metrics.summarize({k: float(v) for k, v in sums.items()})
