@@ -223,7 +223,7 @@ def _rejected(e: PayloadError) -> str:
 
 def t_update(msg: bytes, codec: Codec) -> str:
     agg = fedzip.mean(codec)
-    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()})
+    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()}, decode_each=True)
     try:
         m = decode_message(msg, expect=Kind.UPDATE)
         update = acc.decode_update(m)

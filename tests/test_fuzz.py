@@ -275,7 +275,7 @@ def test_declared_sizes_are_checked_before_anything_is_allocated():
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_every_codec_round_trips_through_the_aggregator(name):
     agg = fedzip.mean(codecs()[name])
-    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()})
+    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()}, decode_each=True)
     m = decode_message(valid_update(name), expect=Kind.UPDATE)
     _check_decoded(acc.decode_update(m))
     acc.fold_message(m)
@@ -288,7 +288,7 @@ def test_every_codec_round_trips_through_the_aggregator(name):
 def test_mutated_updates_raise_payload_error_or_decode_finite(name, data):
     spy = Spy(codecs()[name])
     agg = fedzip.mean(spy)
-    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()})
+    acc = agg.accumulator({k: torch.zeros(s) for k, s in TEMPLATE.items()}, decode_each=True)
     msg = data.draw(mutated(valid_update(name)))
     try:
         m = decode_message(msg, expect=Kind.UPDATE)

@@ -7,7 +7,7 @@ The public API is flat::
                                     aggregator=fedzip.compression_aggregator())
 """
 
-from fedzip import codecs, metrics, tasks
+from fedzip import codecs, metrics, optim, privacy, tasks
 from fedzip.aggregators import (
     AdaptiveNorm,
     Aggregator,
@@ -50,7 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
     "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
-    "resolve_task", "tasks",
+    "optim", "privacy", "resolve_task", "tasks",
     "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
     "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",
     "NonFiniteUpdateError", "PayloadError", "Preprocess", "RoundFailedError", "ServerState",

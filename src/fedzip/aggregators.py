@@ -363,13 +363,14 @@ class Aggregator:
 
     # -- server side -------------------------------------------------------
 
-    def accumulator(self, template: Params) -> Accumulator:
+    def accumulator(self, template: Params, decode_each: bool = False) -> Accumulator:
         """Where the round's updates are summed: decoded one by one
         (:class:`StreamingMean`), or, when every codec of the policy can add
-        its encodings (:class:`~fedzip.codecs.base.SummableCodec`), summed
-        encoded and decoded once (:class:`EncodedSum`)."""
+        its encodings (:class:`~fedzip.codecs.summable.SummableCodec`) and
+        ``decode_each`` is False, summed encoded and decoded once
+        (:class:`EncodedSum`)."""
         like = {k: (tuple(v.shape), v.device) for k, v in template.items()}
-        if self.policy.summable():
+        if self.policy.summable() and not decode_each:
             if self.weighted:
                 raise ConfigError("a mean over encoded sums needs weighted=False: integer encodings "
                                   "add up only with equal weights")

@@ -248,6 +248,17 @@ def _task_names() -> list[str]:
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "fedavg": ("fedzip.algorithms.fedavg:WeightedFedAvg", "FedAvg (weighted by the task; McMahan et al. 2017)"),
     "fedprox": ("fedzip.algorithms.fedprox:FedProx", "FedProx, proximal term mu (Li et al., MLSys 2020)"),
+    "scaffold": ("fedzip.algorithms.scaffold:Scaffold",
+                 "SCAFFOLD, control variates, option II (Karimireddy et al., ICML 2020); needs num_clients"),
+    "mime": ("fedzip.algorithms.mime:MimeLite",
+             "Mime-lite, server momentum beta frozen on clients (Karimireddy et al., NeurIPS 2021)"),
+    "fedsgd": ("fedzip.algorithms.fedsgd:FedSGD", "FedSGD, one full-batch gradient per client (McMahan et al. 2017)"),
+    "fedadam": ("fedzip.algorithms.adaptive:FedAdamAlgorithm",
+                "FedAvg with the FedAdam server: server_lr, tau, betas (Reddi et al., ICLR 2021)"),
+    "fedyogi": ("fedzip.algorithms.adaptive:FedYogiAlgorithm",
+                "FedAvg with the FedYogi server: server_lr, tau, betas (Reddi et al., ICLR 2021)"),
+    "fedadagrad": ("fedzip.algorithms.adaptive:FedAdagradAlgorithm",
+                   "FedAvg with the FedAdagrad server: server_lr, tau, beta1 (Reddi et al., ICLR 2021)"),
 }
 
 

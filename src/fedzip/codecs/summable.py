@@ -21,6 +21,7 @@ that bound, so nothing wraps silently.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -34,16 +35,16 @@ from fedzip.errors import ConfigError, PayloadError
 class SummableCodec(Codec):
     """A codec whose encodings can be added before decoding (see the module doc)."""
 
+    @abc.abstractmethod
     def parse_summand(self, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
         """One client's bytes as its integer codes (validated, not decoded)."""
-        raise NotImplementedError
 
     def add_summands(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
 
+    @abc.abstractmethod
     def decode_sum(self, total: torch.Tensor, count: int, shape: tuple[int, ...]) -> torch.Tensor:
         """The sum of ``count`` clients' inputs from the sum of their codes."""
-        raise NotImplementedError
 
 
 def sum_bits(bits: int, clients: int) -> int:
