@@ -176,11 +176,11 @@ def test_scaffold_bits_count_the_control_variates_and_shrink_with_a_codec():
 
 def test_scaffold_with_compressed_control_variates_keeps_c_the_mean_of_the_clients():
     """Error feedback by construction: each client keeps c_i + Q(Δc_i), so the
-    server's c is exactly (1/N) Σ c_i however lossy the codec, and SCAFFOLD still
-    gets far closer to the optimum than FedAvg."""
+    server's c is exactly (1/N) Σ c_i however lossy the codec (2-bit here), and
+    SCAFFOLD converges as with float32 control variates."""
     data = Regression(n_clients=4)
     n = 4
-    algo = _algo(Scaffold, num_clients=n, control_codec=UniformQuantization(4))
+    algo = _algo(Scaffold, num_clients=n, control_codec=UniformQuantization(2))
     s = algo.init()
     for r in range(30):
         cohort = data.client_ids if r % 3 == 0 else [data.client_ids[r % 4], data.client_ids[(r + 1) % 4]]
@@ -188,8 +188,9 @@ def test_scaffold_with_compressed_control_variates_keeps_c_the_mean_of_the_clien
         store = s.client_states["algorithm"]
         total = sum(store[k]["weight"] for k in store)
         assert torch.allclose(s.groups["control"]["weight"], total / n, atol=1e-5)
+    # as close as with float32 control variates (5e-4); keeping c_i⁺ instead, 2 bits end at 0.12
     dist = _rel(s.params["weight"], data.optimum())
-    assert dist < 0.05, dist
+    assert dist < 5e-3, dist
 
 
 def test_scaffold_client_states_are_kept_checkpointed_and_work_on_disk(tmp_path):

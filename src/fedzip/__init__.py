@@ -22,11 +22,21 @@ from fedzip.aggregators import (
 from fedzip.algorithms import (
     ClientHooks,
     ClientWork,
+    FedAdagradAlgorithm,
+    FedAdamAlgorithm,
     FederatedAlgorithm,
     FedProx,
+    FedSGD,
+    FedYogiAlgorithm,
+    MimeLite,
+    Scaffold,
     ServerState,
+    UpdateSpace,
     WeightedFedAvg,
     fedprox,
+    fedsgd,
+    mime_lite,
+    scaffold,
     weighted_fedavg,
 )
 from fedzip.clientstate import ClientStates, DiskStates, MemoryStates
@@ -50,7 +60,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
     "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
-    "optim", "privacy", "resolve_task", "tasks",
+    "optim", "privacy", "resolve_task", "tasks", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
+    "FedYogiAlgorithm", "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
     "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
     "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",
     "NonFiniteUpdateError", "PayloadError", "Preprocess", "RoundFailedError", "ServerState",

@@ -487,11 +487,18 @@ class StreamingMean(Accumulator):
         )
 
     def fold(self, tensors, weight, coverage=None):
+        self.fold_decoded(self.decode_update(tensors), weight, coverage)
+
+    def fold_decoded(self, update: Params, weight: float,
+                     coverage: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Fold an update already decoded (and mapped onto the model's coordinates)."""
         if not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
         if not self.aggregator.weighted:
             weight = 1.0
-        update = self.decode_update(tensors)
+        if sorted(update) != sorted(self.sums) or any(
+                tuple(update[k].shape) != tuple(v.shape) for k, v in self.sums.items()):
+            raise PayloadError("a decoded update does not match the model's tensors")
         if coverage is not None:
             bad = [k for k in update if k in coverage and tuple(coverage[k].shape) != tuple(update[k].shape)]
             if bad:

@@ -1,5 +1,6 @@
 """Federated algorithms: ``init() -> state``, ``next(state, data, client_ids) -> (state, metrics)``."""
 
+from fedzip.algorithms.adaptive import FedAdagradAlgorithm, FedAdamAlgorithm, FedYogiAlgorithm
 from fedzip.algorithms.base import FederatedAlgorithm, resolve_device
 from fedzip.algorithms.client import (
            ClientContext,
@@ -10,8 +11,14 @@ from fedzip.algorithms.client import (
 )
 from fedzip.algorithms.fedavg import WeightedFedAvg, weighted_fedavg
 from fedzip.algorithms.fedprox import FedProx, fedprox
+from fedzip.algorithms.fedsgd import FedSGD, fedsgd
+from fedzip.algorithms.mime import MimeLite, mime_lite
+from fedzip.algorithms.scaffold import Scaffold, scaffold
+from fedzip.algorithms.space import FullSpace, UpdateSpace
 from fedzip.algorithms.state import ServerState
 
-__all__ = ["ClientContext", "ClientHooks", "ClientResult", "ClientTask", "ClientWork", "FedProx",
+__all__ = ["FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD", "FedYogiAlgorithm", "FullSpace",
+           "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
+           "ClientContext", "ClientHooks", "ClientResult", "ClientTask", "ClientWork", "FedProx",
            "FederatedAlgorithm", "ServerState", "WeightedFedAvg", "fedprox", "resolve_device",
            "weighted_fedavg"]

@@ -48,13 +48,14 @@ from fedzip.algorithms.client import (
     group_policy,
     join_groups,
 )
+from fedzip.algorithms.space import UpdateSpace
 from fedzip.algorithms.state import ServerState
 from fedzip.clientstate import ClientStates, DiskStates, MemoryStates
 from fedzip.codecs import Codec, CodecPolicy, as_policy
 from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
 from fedzip.errors import ClientFailure, ConfigError, DataError, PayloadError, RoundFailedError
 from fedzip.execution import Executor, LocalExecutor
-from fedzip.payload import encode_params
+from fedzip.payload import decode_params, encode_params
 from fedzip.seeding import derive_seed, torch_rng
 from fedzip.tasks.base import Task
 from fedzip.tasks.images import image_task
@@ -151,6 +152,7 @@ class FederatedAlgorithm:
         self.work = ClientWork(
             self.task, client_optimizer, preprocess or Preprocess(), aggregator,
             self.broadcast_policy, self.seed, resolve_device(device), self.client_hooks(),
+            self.update_space(),
         )
         self._warned_drop = False
 
@@ -158,6 +160,10 @@ class FederatedAlgorithm:
 
     def client_hooks(self) -> ClientHooks:
         return ClientHooks()
+
+    def update_space(self) -> UpdateSpace:
+        """How clients' updates are parametrized (:mod:`fedzip.algorithms.space`)."""
+        return UpdateSpace()
 
     def init_groups(self, params: Params) -> dict[str, Params]:
         return {}
@@ -218,7 +224,9 @@ class FederatedAlgorithm:
         round_num = state.round + 1
         agg = self.aggregator
         scalars = agg.broadcast_scalars(state.aggregator_state)
-        to_send = {**state.params, **join_groups(self.broadcast_groups(state))}
+        space = self.work.space
+        to_send = {} if space.personal_model else dict(state.params)
+        to_send.update(join_groups(self.broadcast_groups(state)))
         records = encode_params(to_send, _BroadcastPolicy(self.broadcast_policy),
                                 torch_rng(self.seed, round_num, "broadcast"))
         broadcast = encode_message(Kind.BROADCAST, scalars, records)
@@ -230,6 +238,8 @@ class FederatedAlgorithm:
         tasks = []
         for cid in client_ids:
             personal = self.personal_groups(state, cid)
+            if space.personal_model:
+                personal = {**personal, "model": space.client_model(state.params, cid, round_num, self.seed)}
             pbytes = b""
             if personal:
                 precords = encode_params(join_groups(personal), _BroadcastPolicy(self.broadcast_policy),
@@ -244,6 +254,8 @@ class FederatedAlgorithm:
             tasks.append(ClientTask(cid, round_num, broadcast, cs, pbytes))
 
         acc = agg.accumulator(state.params)
+        full_space = type(space) is UpdateSpace
+        model_shapes = tree.shapes(state.params)
         expected = self.update_groups(state)
         group_accs = {g: StreamingMean(mean(as_policy(self.work.hooks.group_policies.get(g)),
                                              weighted=False), {k: (s, torch.device("cpu"))
@@ -268,7 +280,14 @@ class FederatedAlgorithm:
                 model_records = [t for t in msg.tensors if GROUP_SEP not in t.name]
                 by_group = _records_by_group(msg, expected)
                 # validate and decode everything before anything is added
-                acc.fold(model_records, weight)
+                if full_space:
+                    acc.fold(model_records, weight)
+                else:
+                    sent = decode_params(
+                        Message(Kind.UPDATE, {}, model_records),
+                        space.sent_shapes(model_shapes, res.client_id, round_num, self.seed), agg.policy)
+                    delta, coverage = space.expand(sent, model_shapes, res.client_id, round_num, self.seed)
+                    acc.fold_decoded(delta, weight, coverage)
                 for g, recs in by_group.items():
                     group_accs[g].fold(recs, 1.0)
             except PayloadError as e:

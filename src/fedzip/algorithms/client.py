@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedzip.aggregators import Aggregator
+from fedzip.algorithms.space import UpdateSpace
 from fedzip.codecs import CodecPolicy
 from fedzip.data.federated import FederatedData, Preprocess
 from fedzip.payload import decode_params, encode_params
@@ -140,6 +141,7 @@ class ClientWork:
         seed: int,
         device: torch.device | None = None,
         hooks: ClientHooks | None = None,
+        space: UpdateSpace | None = None,
     ) -> None:
         self.task = task
         self.device = device
@@ -149,6 +151,7 @@ class ClientWork:
         self.broadcast_policy = broadcast_policy
         self.seed = seed
         self.hooks = hooks or ClientHooks()
+        self.space = space or UpdateSpace()
         self._model: nn.Module | None = None
         self._received: tuple[bytes, Params, dict[str, Params], dict[str, float]] | None = None
         self._template: dict[str, tuple[int, ...]] | None = None
@@ -191,15 +194,20 @@ class ClientWork:
             pmsg = decode_message(task.personal, expect=Kind.BROADCAST)
             groups = {**groups, **_decode_groups_only(pmsg, self.broadcast_policy)}
         examples = data.client(task.client_id)
-        model = self.model()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(received[name])
-        ctx = ClientContext(task.client_id, task.round, model, received, groups, dict(scalars),
+        base = self.model()
+        if received:
+            with torch.no_grad():
+                for name, p in base.named_parameters():
+                    p.copy_(received[name])
+        elif "model" in groups:  # a personal model (federated dropout): the space builds it
+            received = {k: self.on_device(v) for k, v in groups.pop("model").items()}
+        ctx = ClientContext(task.client_id, task.round, base, received, groups, dict(scalars),
                             task.client_state.get("algorithm"))
+        model, trainable = self.space.prepare(base, received, ctx)
+        ctx.model = model
         hooks = self.hooks
         hooks.start(ctx)
-        opt = self.client_optimizer(model.parameters())
+        opt = self.client_optimizer(trainable)
         order_rng = numpy_rng(self.seed, task.round, task.client_id, "shuffle")
         sums: dict[str, torch.Tensor] = {}
         n_examples = n_batches = 0
@@ -224,7 +232,7 @@ class ClientWork:
                 n_examples += len(y)
                 n_batches += 1
         # back on the CPU (a no-op there): the stages, codecs and per-client state live on it
-        delta = {name: (p.detach() - received[name]).cpu() for name, p in model.named_parameters()}
+        delta = self.space.update(model, base, received, ctx)
         hooks.finish(ctx, delta)
         t_train = time.perf_counter() - t0 - t_data
         rng = torch_rng(self.seed, task.round, task.client_id, "codec")
@@ -276,7 +284,9 @@ def _decode_with_groups(msg, template, policy: CodecPolicy) -> tuple[Params, dic
 
     model_records = [t for t in msg.tensors if GROUP_SEP not in t.name]
     group_msg = Message(msg.kind, {}, [t for t in msg.tensors if GROUP_SEP in t.name], 0)
-    params = decode_params(Message(msg.kind, msg.scalars, model_records, msg.nbytes), template, policy)
+    # no model tensors: each client gets its own model in its personal message
+    params = decode_params(Message(msg.kind, msg.scalars, model_records, msg.nbytes), template, policy) \
+        if model_records else {}
     return params, _decode_groups_only(group_msg, policy)
 
 

@@ -50,7 +50,9 @@ previous compression error, and ``c = (1/N) Σ_i c_i`` holds exactly (up to
 float rounding) for any codec. A compressed *broadcast* of ``c`` only
 perturbs the correction of that round: ``c_i⁺`` cancels it. (A stateful
 codec such as :class:`~fedzip.codecs.ErrorFeedback` would keep no residual for
-a group; it is not needed here.)
+a group; it is not needed here.) On the heterogeneous least-squares test
+problem, 2-bit control deltas converge as float32 ones do; keeping ``c_i⁺``
+instead, they stall over a hundred times farther from the optimum.
 
 Per-client state is one model-sized tensor set per client ever sampled,
 never dropped: for large populations keep it on disk with
