@@ -303,6 +303,10 @@ class Aggregator:
     stages: tuple[Stage, ...] = ()
     policy: CodecPolicy = field(default_factory=CodecPolicy)
     weighted: bool = True
+    #: builds the round's accumulator in place of the default (StreamingMean or
+    #: EncodedSum): ``accumulator_kind(aggregator, like) -> Accumulator``, e.g.
+    #: the robust rules of :mod:`fedzip.robust` (median, Krum, ...)
+    accumulator_kind: Any = None
 
     # -- state ------------------------------------------------------------
 
@@ -370,6 +374,8 @@ class Aggregator:
         ``decode_each`` is False, summed encoded and decoded once
         (:class:`EncodedSum`)."""
         like = {k: (tuple(v.shape), v.device) for k, v in template.items()}
+        if self.accumulator_kind is not None:
+            return self.accumulator_kind(self, like)
         if self.policy.summable() and not decode_each:
             if self.weighted:
                 raise ConfigError("a mean over encoded sums needs weighted=False: integer encodings "

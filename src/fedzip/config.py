@@ -388,10 +388,18 @@ def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
             return robust_aggregator(inner, **opts)
         if kind == "compression":
             return compression_aggregator(**opts)
+        if kind in ("median", "trimmed_mean", "krum", "geometric_median"):
+            # Byzantine-robust rules (fedzip.robust): codec/threshold as for "mean", then the rule's arguments
+            from fedzip import robust
+
+            codec = opts.pop("codec", None)
+            threshold = opts.pop("threshold", 20_000)
+            policy = None if codec is None else above_threshold(build_codec(codec, f"{where}.codec"), threshold)
+            return getattr(robust, kind)(policy, **opts)
     except TypeError as e:
         raise ConfigError(f"{where} {dict(spec)!r}: {e}") from None
     raise ConfigError(f"{where}: type {kind!r} unknown; choose from mean, clipping, zeroing, noise, "
-                      "robust, compression")
+                      "robust, compression, median, trimmed_mean, krum, geometric_median")
 
 
 def build_codec(spec: str | Mapping[str, Any], where: str = "codec"):

@@ -149,10 +149,12 @@ class FederatedAlgorithm:
             raise ConfigError(f"max_client_states must be a non-negative integer or None, got {max_client_states!r}")
         self.codec_states = MemoryStates(max_client_states)
         self.algorithm_states = client_states if client_states is not None else MemoryStates(None)
+        # kept here too: executors may wrap self.work (tests inject faults that way)
+        self.hooks = self.client_hooks()
+        self.space = self.update_space()
         self.work = ClientWork(
             self.task, client_optimizer, preprocess or Preprocess(), aggregator,
-            self.broadcast_policy, self.seed, resolve_device(device), self.client_hooks(),
-            self.update_space(),
+            self.broadcast_policy, self.seed, resolve_device(device), self.hooks, self.space,
         )
         self._warned_drop = False
 
@@ -224,7 +226,7 @@ class FederatedAlgorithm:
         round_num = state.round + 1
         agg = self.aggregator
         scalars = agg.broadcast_scalars(state.aggregator_state)
-        space = self.work.space
+        space = self.space
         to_send = {} if space.personal_model else dict(state.params)
         to_send.update(join_groups(self.broadcast_groups(state)))
         records = encode_params(to_send, _BroadcastPolicy(self.broadcast_policy),
@@ -257,7 +259,7 @@ class FederatedAlgorithm:
         full_space = type(space) is UpdateSpace
         model_shapes = tree.shapes(state.params)
         expected = self.update_groups(state)
-        group_accs = {g: StreamingMean(mean(as_policy(self.work.hooks.group_policies.get(g)),
+        group_accs = {g: StreamingMean(mean(as_policy(self.hooks.group_policies.get(g)),
                                              weighted=False), {k: (s, torch.device("cpu"))
                                                                for k, s in shapes.items()})
                       for g, shapes in expected.items()}
