@@ -31,7 +31,7 @@ import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ from fedzip.errors import ConfigError, NonFiniteUpdateError, PayloadError, Round
 from fedzip.payload import decode_params
 from fedzip.tree import Params
 from fedzip.wire import Kind, Message, TensorRecord
+
+if TYPE_CHECKING:
+    from fedzip.privacy.secagg import SecAggConfig
 
 # --------------------------------------------------------------------------
 # Norm estimates: fixed, or adaptive (tracking a quantile of client norms)
@@ -307,6 +310,9 @@ class Aggregator:
     #: EncodedSum): ``accumulator_kind(aggregator, like) -> Accumulator``, e.g.
     #: the robust rules of :mod:`fedzip.robust` (median, Krum, ...)
     accumulator_kind: Any = None
+    #: secure aggregation of the codes (:func:`fedzip.privacy.secagg.secure_mean`):
+    #: the accumulator is a ``SecureSum`` and the round runs its protocol
+    secure: SecAggConfig | None = None
 
     # -- state ------------------------------------------------------------
 
@@ -374,6 +380,13 @@ class Aggregator:
         ``decode_each`` is False, summed encoded and decoded once
         (:class:`EncodedSum`)."""
         like = {k: (tuple(v.shape), v.device) for k, v in template.items()}
+        if self.secure is not None:  # masked codes, summed mod 2^m
+            from fedzip.privacy.secagg import SecureSum  # cryptography loads only when asked for
+
+            if decode_each or self.accumulator_kind is not None:
+                raise ConfigError("secure aggregation sums masked codes: it cannot decode updates "
+                                  "one by one or use another accumulator")
+            return SecureSum(self, like)
         if self.accumulator_kind is not None:
             return self.accumulator_kind(self, like)
         if self.policy.summable() and not decode_each:
@@ -412,6 +425,7 @@ class Aggregator:
             rng = rng_for(s.key) if rng_for is not None else torch.Generator().manual_seed(0)
             aggregate, new_state[s.key], meas = s.server(state[s.key], aggregate, mine, rng)
             measurements.update({f"{s.key}/{k}": v for k, v in meas.items()})
+        measurements.update(acc.measurements())
         return aggregate.mean(acc.template), new_state, measurements
 
 
@@ -460,6 +474,10 @@ class Accumulator(abc.ABC):
 
     @abc.abstractmethod
     def result(self) -> Aggregate: ...
+
+    def measurements(self) -> dict[str, float]:
+        """What the accumulator itself reports (secure aggregation's bits); none by default."""
+        return {}
 
     def fold_message(self, message: Message) -> tuple[dict[str, float], dict[str, float]]:
         """Check a whole update message's scalars (:func:`client_scalars`) and fold

@@ -259,6 +259,16 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
                 "FedAvg with the FedYogi server: server_lr, tau, betas (Reddi et al., ICLR 2021)"),
     "fedadagrad": ("fedzip.algorithms.adaptive:FedAdagradAlgorithm",
                    "FedAvg with the FedAdagrad server: server_lr, tau, beta1 (Reddi et al., ICLR 2021)"),
+    "fed_dropout": ("fedzip.algorithms.dropout:FederatedDropout",
+                    "federated dropout, sub-models keeping keep (keep_fc, keep_conv, keep_lstm) of the units "
+                    "(Caldas et al. 2018)"),
+    "lowrank": ("fedzip.algorithms.structured:LowRankUpdates",
+                "low-rank structured updates B·A, rank or fraction of fan_in (Konečný et al. 2016)"),
+    "randmask": ("fedzip.algorithms.structured:RandomMaskUpdates",
+                 "random-mask structured updates, fraction of the entries (Konečný et al. 2016)"),
+    "dpfedavg": ("fedzip.algorithms.dp:DPFedAvg",
+                 "DP-FedAvg: clipping, Gaussian noise, epsilon every round (McMahan et al., ICLR 2018); "
+                 "needs population, cohort, delta, noise_multiplier or target_epsilon"),
 }
 
 

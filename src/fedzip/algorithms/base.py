@@ -257,6 +257,11 @@ class FederatedAlgorithm:
 
         acc = agg.accumulator(state.params)
         full_space = type(space) is UpdateSpace
+        if agg.secure is not None:  # secure aggregation (fedzip.privacy.secagg): keys first
+            if not full_space:
+                raise ConfigError("secure aggregation sums the whole model's codes: it needs the "
+                                  "full update space")
+            tasks = acc.setup(self.seed, round_num, tasks)
         model_shapes = tree.shapes(state.params)
         expected = self.update_groups(state)
         group_accs = {g: StreamingMean(mean(as_policy(self.hooks.group_policies.get(g)),
@@ -282,7 +287,9 @@ class FederatedAlgorithm:
                 model_records = [t for t in msg.tensors if GROUP_SEP not in t.name]
                 by_group = _records_by_group(msg, expected)
                 # validate and decode everything before anything is added
-                if full_space:
+                if agg.secure is not None:  # a masked input: the server knows its sender, not its content
+                    acc.fold_masked(res.client_id, model_records)
+                elif full_space:
                     acc.fold(model_records, weight)
                 else:
                     sent = decode_params(

@@ -68,13 +68,16 @@ class ClientTask:
     ``broadcast`` is the message every client of the round receives (the Ray
     executor ships it once per round); ``personal`` is a message for this
     client alone (empty when nothing differs per client); ``client_state``
-    maps an owner ("codec", "algorithm") to this client's state."""
+    maps an owner ("codec", "algorithm") to this client's state; ``secagg``
+    is what secure aggregation told this client (its neighbours' keys), empty
+    without it."""
 
     client_id: str
     round: int
     broadcast: bytes
     client_state: Mapping[str, Any] = field(default_factory=dict)
     personal: bytes = b""
+    secagg: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,11 @@ class ClientWork:
         records, reports, codec_state = self.aggregator.client_encode(
             scalars, delta, rng, task.client_state.get("codec")
         )
+        if task.secagg:  # secure aggregation: the codes leave the client masked
+            from fedzip.privacy.secagg import mask_update  # cryptography loads only when asked for
+
+            records = mask_update(task.secagg, records, self.aggregator.policy, self.seed, task.round,
+                                  task.client_id)
         for group, values in ctx.out_groups.items():
             policy = hooks.group_policies.get(group, CodecPolicy())
             named = {f"{group}{GROUP_SEP}{k}": v.detach().cpu() for k, v in values.items()}
