@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakes import TensorClients, deterministic
 from torch import nn
 from torch.func import functional_call
 
 import fedzip
-from fakes import TensorClients, deterministic
 from fedzip.algorithms.client import join_groups
 from fedzip.algorithms.dropout import (
     DropoutSpace,
@@ -28,14 +28,19 @@ from fedzip.algorithms.dropout import (
     sub_module,
     sub_params,
 )
-from fedzip.algorithms.structured import LowRankSpace, RandomMaskSpace, lowrank_updates, random_mask_updates
+from fedzip.algorithms.structured import (
+    LowRankSpace,
+    RandomMaskSpace,
+    lowrank_updates,
+    random_mask_updates,
+)
 from fedzip.codecs import CodecPolicy, UniformQuantization, kashin_uniform
 from fedzip.config import RunConfig, build_algorithm_spec
 from fedzip.data.federated import ClientExamples
 from fedzip.errors import ConfigError
 from fedzip.execution import LocalExecutor
 from fedzip.models import CharLSTM, FedAvgCNN
-from fedzip.payload import decode_params, encode_params
+from fedzip.payload import encode_params
 from fedzip.run import run
 from fedzip.seeding import torch_rng
 from fedzip.wire import Kind, decode_message, encode_message

@@ -51,7 +51,8 @@ from fedzip.errors import (
     RoundFailedError,
 )
 from fedzip.execution import LocalExecutor
-from fedzip.models import FedAvgCNN, fedavg_cnn
+from fedzip.models import CharLSTM, FedAvgCNN, fedavg_cnn
+from fedzip.privacy.secagg import secure_mean
 from fedzip.seeding import derive_seed, sample_clients
 from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 
@@ -60,7 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
     "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
-    "optim", "privacy", "resolve_task", "tasks", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
+    "optim", "privacy", "resolve_task", "tasks", "CharLSTM", "secure_mean", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
     "FedYogiAlgorithm", "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
     "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
     "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",

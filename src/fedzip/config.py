@@ -209,15 +209,7 @@ def build_optimizer(spec: str | Mapping[str, Any], lr: float, momentum: float = 
     the flat ``lr`` and ``momentum``) or a dict naming every argument:
     ``{"type": "adam", "lr": 0.01, "betas": [0.9, 0.99], "eps": 0.001}``
     (``lr`` defaults to the flat one). ``type`` may be ``module:Class``."""
-    if isinstance(spec, str):
-        name, opts = _parse_spec(spec, field)
-    elif isinstance(spec, Mapping):
-        opts = dict(spec)
-        name = opts.pop("type", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"{field}: a dict needs \"type\" (an optimizer name), got {spec!r}")
-    else:
-        raise ConfigError(f"{field} must be a name or a dict, got {spec!r}")
+    name, opts = name_and_options(spec, field)
     if name in OPTIMIZERS:
         cls: Any = OPTIMIZERS[name]()
     elif ":" in name:
@@ -236,6 +228,19 @@ def build_optimizer(spec: str | Mapping[str, Any], lr: float, momentum: float = 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{field} {spec!r}: {e}") from None
     return factory
+
+
+def name_and_options(spec: str | Mapping[str, Any], field: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,..."`` or ``{"type": name, key: value, ...}`` → (name, options)."""
+    if isinstance(spec, str):
+        return _parse_spec(spec, field)
+    if isinstance(spec, Mapping):
+        opts = dict(spec)
+        name = opts.pop("type", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{field}: an object needs \"type\" (a name), got {dict(spec)!r}")
+        return name, opts
+    raise ConfigError(f"{field} must be a name or an object, got {spec!r}")
 
 
 def _task_names() -> list[str]:
@@ -274,13 +279,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
 
 def build_algorithm_spec(spec: str | Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     """``"fedprox:mu=0.1"`` or ``{"type": "fedprox", "mu": 0.1}`` → (class, its extra arguments)."""
-    if isinstance(spec, str):
-        name, opts = _parse_spec(spec, "algorithm")
-    elif isinstance(spec, Mapping):
-        opts = dict(spec)
-        name = opts.pop("type", None)
-    else:
-        raise ConfigError(f"algorithm must be a name or a dict, got {spec!r}")
+    name, opts = name_and_options(spec, "algorithm")
     if name not in ALGORITHMS:
         raise ConfigError(f"algorithm {name!r} unknown; choose from {sorted(ALGORITHMS)}")
     from fedzip.tasks.registry import import_path
@@ -398,6 +397,12 @@ def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
             return robust_aggregator(inner, **opts)
         if kind == "compression":
             return compression_aggregator(**opts)
+        if kind == "secure_mean":
+            # secure aggregation (fedzip.privacy.secagg): a summable codec, SecAgg / SecAgg+ options
+            from fedzip.privacy.secagg import secure_mean
+
+            codec = build_codec(opts.pop("codec", {"type": "ssq"}), f"{where}.codec")
+            return secure_mean(codec, **opts)
         if kind in ("median", "trimmed_mean", "krum", "geometric_median"):
             # Byzantine-robust rules (fedzip.robust): codec/threshold as for "mean", then the rule's arguments
             from fedzip import robust
@@ -409,7 +414,7 @@ def _aggregator_from_dict(spec: Mapping[str, Any], where: str) -> Aggregator:
     except TypeError as e:
         raise ConfigError(f"{where} {dict(spec)!r}: {e}") from None
     raise ConfigError(f"{where}: type {kind!r} unknown; choose from mean, clipping, zeroing, noise, "
-                      "robust, compression, median, trimmed_mean, krum, geometric_median")
+                      "robust, compression, secure_mean, median, trimmed_mean, krum, geometric_median")
 
 
 def build_codec(spec: str | Mapping[str, Any], where: str = "codec"):
@@ -418,15 +423,7 @@ def build_codec(spec: str | Mapping[str, Any], where: str = "codec"):
     import path for a codec of your own (``{"type": "mypkg.codecs:MyCodec", ...}``)."""
     from fedzip import codecs
 
-    if isinstance(spec, str):
-        name, opts = _parse_spec(spec, where)
-    elif isinstance(spec, Mapping):
-        opts = dict(spec)
-        name = opts.pop("type", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"{where}: a dict needs \"type\" (a codec name), got {dict(spec)!r}")
-    else:
-        raise ConfigError(f"{where} must be a name or a dict, got {spec!r}")
+    name, opts = name_and_options(spec, where)
     wrappers = {"error_feedback": codecs.ErrorFeedback, "entropy_coded": codecs.EntropyCoded,
                 "zstd": codecs.Zstd, "rotation": codecs.RandomRotation}
     if "inner" in opts:

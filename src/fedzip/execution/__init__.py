@@ -15,6 +15,10 @@ One module per concept:
   explicit torch thread count that makes the backends bit-identical;
 * :mod:`~fedzip.execution.local`: :class:`LocalExecutor` (the default),
   in-process, one client after another;
+* :mod:`~fedzip.execution.processes`: :class:`ProcessExecutor`
+  (``backend="processes"``), client work in worker processes on this
+  machine, no extra dependency; :func:`default_layout` (processes x threads
+  for the cores) and the :class:`OversubscriptionWarning`;
 * :mod:`~fedzip.execution.ray`: :class:`RayExecutor` (``pip install
   'fedzip[ray]'``, ``backend="ray"``), client work on Ray actors;
 * :mod:`~fedzip.execution.factory`: :func:`make_executor`, the executor a
@@ -24,6 +28,15 @@ One module per concept:
 from fedzip.execution.base import Executor, torch_threads
 from fedzip.execution.factory import make_executor
 from fedzip.execution.local import LocalExecutor
+from fedzip.execution.processes import (
+    OversubscriptionWarning,
+    ProcessExecutor,
+    available_cores,
+    check_oversubscription,
+    default_layout,
+)
 from fedzip.execution.ray import RayExecutor, ray_available
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "make_executor", "ray_available", "torch_threads"]
+__all__ = ["Executor", "LocalExecutor", "OversubscriptionWarning", "ProcessExecutor", "RayExecutor",
+           "available_cores", "check_oversubscription", "default_layout", "make_executor", "ray_available",
+           "torch_threads"]

@@ -1,7 +1,8 @@
-"""Differential privacy pieces: exact integer noise samplers
-(:mod:`fedzip.privacy.samplers`) and privacy accounting over Google's
-``dp_accounting`` (:mod:`fedzip.privacy.accounting`, imported on first use:
-``dp_accounting`` pulls in scipy, which the samplers do not need)."""
+"""Privacy and trust: exact integer noise samplers (:mod:`fedzip.privacy.samplers`),
+privacy accounting over Google's ``dp_accounting`` (:mod:`fedzip.privacy.accounting`,
+imported on first use: ``dp_accounting`` pulls in scipy, which the samplers do
+not need), and secure aggregation (:mod:`fedzip.privacy.secagg`, SecAgg and
+SecAgg+ over the ``cryptography`` package)."""
 
 from typing import Any
 
@@ -13,6 +14,7 @@ from fedzip.privacy.samplers import (
     discrete_laplace_array,
     skellam_array,
 )
+from fedzip.privacy.secagg import SecAggClient, SecAggConfig, SecureSum, mask_update, secure_mean
 
 _ACCOUNTING = ("dp_event", "effective_noise_multiplier", "epsilon", "noise_for_epsilon")
 
@@ -28,5 +30,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "bernoulli_exp", "discrete_gaussian", "discrete_gaussian_array", "discrete_laplace",
     "discrete_laplace_array", "dp_event", "effective_noise_multiplier", "epsilon",
-    "noise_for_epsilon", "skellam_array",
+    "noise_for_epsilon", "skellam_array", "SecAggClient", "SecAggConfig", "SecureSum", "mask_update",
+    "secure_mean",
 ]
