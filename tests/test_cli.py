@@ -282,3 +282,41 @@ def test_tutorial_still_runs(capsys, fake_data, tmp_path):
     assert "summary:" in out and (tmp_path / "comparison.png").exists()
     for name in ("mean", "compression"):
         assert [m["round"] for m in read_jsonl(tmp_path / name / "metrics.jsonl")] == [1]
+
+
+def test_every_option_of_every_command_has_a_description(capsys):
+    import argparse
+
+    from fedzip import cli
+
+    parser_holder = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *a, **k):
+        parser_holder.setdefault("root", self)
+        return real(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        cli.main(["codecs"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    capsys.readouterr()
+    root = parser_holder["root"]
+    subparsers = [a for a in root._actions if isinstance(a, argparse._SubParsersAction)][0]
+    assert {"run", "tutorial", "codecs"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and not action.help.startswith("(default"), (name, action.dest)
+
+
+def test_codecs_command_lists_every_codec_with_arguments_and_paper(capsys):
+    from fedzip.codecs import registry
+
+    assert main(["codecs"]) == 0
+    out = capsys.readouterr().out
+    for name in registry():
+        assert f"\n{name}(" in "\n" + out, name
+    assert out.count("    paper: ") == len(registry())
+    assert "eden(bits=2, block_size=65536)" in out and "ICML 2022" in out

@@ -143,6 +143,12 @@ def test_the_server_clips_each_decoded_update_again():
         acc.fold(encode_params({"w": torch.tensor(v)}, CodecPolicy(), torch.Generator()), weight=7.0)
     assert torch.allclose(acc.sums["w"], torch.tensor([0.9, 1.2, 0.0, 0.0], dtype=torch.float64))
     assert acc.reclipped == 1 and acc.weight_sum == 2.0
+    # updates folded already decoded (algorithms with their own update space) are clipped too
+    acc.fold_decoded({"w": torch.tensor([0.0, 0.0, 6.0, 8.0])}, weight=1.0)
+    assert torch.allclose(acc.sums["w"], torch.tensor([0.9, 1.2, 0.6, 0.8], dtype=torch.float64))
+    with pytest.raises(PayloadError, match="NaN"):
+        acc.fold_decoded({"w": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, weight=1.0)
+    assert acc.count == 3
     with pytest.raises(PayloadError, match="coverage"):
         acc.fold([], 1.0, coverage={"w": torch.ones(4, dtype=torch.bool)})
 

@@ -174,7 +174,10 @@ def test_accumulator_keeps_every_update_and_checks_each():
         acc.fold(good, 1.0, coverage={"w": torch.ones(2, 3, dtype=torch.bool)})
     assert acc.count == 1 and len(acc.rows) == 1  # nothing kept from a rejected update
     acc.fold(good, 1.0)
-    assert acc.matrix().shape == (2, 8)  # O(cohort x model): one row per client
+    with pytest.raises(PayloadError, match="does not match"):
+        acc.fold_decoded({"w": torch.zeros(2, 3)}, 1.0)
+    acc.fold_decoded(updates([5])[0], 1.0)  # already decoded (algorithms with their own update space)
+    assert acc.matrix().shape == (3, 8)  # O(cohort x model): one row per client
 
 
 def test_robust_rules_compose_with_lossy_codecs():

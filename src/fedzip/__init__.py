@@ -56,7 +56,7 @@ from fedzip.privacy.secagg import secure_mean
 from fedzip.seeding import derive_seed, sample_clients
 from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",

@@ -103,6 +103,40 @@ def cmd_tutorial(args: argparse.Namespace) -> int:
     return 0
 
 
+def codec_table() -> list[tuple[str, str, str, str]]:
+    """(name, arguments with defaults, first paragraph of the docstring, paper) of every
+    codec name a config or ``--aggregator`` / ``--broadcast`` accepts."""
+    import inspect
+
+    from fedzip.codecs import registry
+    from fedzip.codecs.presets import PAPERS
+
+    rows = []
+    for name, factory in sorted(registry().items()):
+        target = factory.__init__ if inspect.isclass(factory) else factory
+        try:
+            params = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        args = ", ".join(
+            p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+            for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        doc = (inspect.getdoc(factory) or "").strip().split("\n\n")[0].replace("\n", " ")
+        rows.append((name, args, doc, PAPERS.get(name, "")))
+    return rows
+
+
+def cmd_codecs(args: argparse.Namespace) -> int:
+    """Print every codec name with its arguments, defaults and description (paper)."""
+    for name, arguments, doc, paper in codec_table():
+        print(f"{name}({arguments})")
+        print(f"    {doc}")
+        if paper:
+            print(f"    paper: {paper}")
+    print("\nuse as --aggregator NAME:key=value,... (uplink) or --broadcast NAME:key=value,... (downlink)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="fedzip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p_tut.add_argument("--logdir", default="runs/tutorial", help="where both runs and the plot go")
     _add_config_flags(p_tut)
     p_tut.set_defaults(fn=cmd_tutorial)
+    p_codecs = sub.add_parser("codecs", help="list every codec with its arguments, defaults and paper")
+    p_codecs.set_defaults(fn=cmd_codecs)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -80,8 +80,8 @@ class RunConfig:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads!r}")
         if self.min_clients is not None and self.min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1 or null, got {self.min_clients!r}")
-        if self.backend not in ("local", "ray"):
-            raise ConfigError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if self.backend not in ("local", "processes", "ray"):
+            raise ConfigError(f"backend must be 'local', 'processes' or 'ray', got {self.backend!r}")
         for name in ("client_optimizer", "server_optimizer"):
             build_optimizer(getattr(self, name), 1.0, field=name)  # validates the spec
         build_aggregator(self.aggregator)
@@ -147,7 +147,7 @@ FIELD_HELP: dict[str, str] = {
     "eval_clients": "evaluate on this many sampled test clients (default all)",
     "seed": "seed of every random draw (sampling, shuffling, codecs)",
     "min_clients": "clients that must succeed for a round to count (default all)",
-    "backend": "where client work runs: local or ray",
+    "backend": "where client work runs: local (in process), processes (worker processes here) or ray",
     "ray_address": "a Ray cluster to join (auto, host:6379, ray://...); default a fresh local one",
     "num_workers": "Ray workers",
     "threads": "torch threads per client worker (default: leave torch's setting locally)",

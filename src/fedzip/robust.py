@@ -100,11 +100,22 @@ class KeptUpdates(Accumulator):
                              {k: shape for k, (shape, _) in self.template.items()}, self.aggregator.policy)
 
     def fold(self, tensors, weight, coverage=None):
+        if coverage is not None:  # (before decoding: nothing to decode for a refused update)
+            raise PayloadError(f"{self.rule.name} needs whole updates; it cannot take per-coordinate coverage")
+        self.fold_decoded(self.decode_update(tensors), weight)
+
+    def fold_decoded(self, update: Mapping[str, torch.Tensor], weight: float,
+                     coverage: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Keep an update already decoded (checked against the model's tensors)."""
         if coverage is not None:
             raise PayloadError(f"{self.rule.name} needs whole updates; it cannot take per-coordinate coverage")
         if not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
-        update = self.decode_update(tensors)  # validated before anything is kept
+        if sorted(update) != sorted(self.template) or any(
+                tuple(update[k].shape) != tuple(shape) for k, (shape, _) in self.template.items()):
+            raise PayloadError("a decoded update does not match the model's tensors")
+        if not all(bool(torch.isfinite(v).all()) for v in update.values()):
+            raise PayloadError("a decoded update holds NaN or Inf")
         self.rows.append(torch.cat([update[k].reshape(-1).to(torch.float32) for k in self.template]))
         self.count += 1
 

@@ -233,20 +233,28 @@ class ClippedSum(StreamingMean):
         self.reclipped = 0
 
     def fold(self, tensors, weight, coverage=None):
+        if coverage is not None:  # (before decoding: nothing to decode for a refused update)
+            raise PayloadError("DP-FedAvg needs whole updates; it cannot take per-coordinate coverage")
+        self.fold_decoded(self.decode_update(tensors), weight)
+
+    def fold_decoded(self, update, weight, coverage=None):
         if coverage is not None:
             raise PayloadError("DP-FedAvg needs whole updates; it cannot take per-coordinate coverage")
         if not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
+        if sorted(update) != sorted(self.sums) or any(
+                tuple(update[k].shape) != tuple(v.shape) for k, v in self.sums.items()):
+            raise PayloadError("a decoded update does not match the model's tensors")
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
+        if not math.isfinite(norm):
+            raise PayloadError("a decoded update holds NaN or Inf")
         w = 1.0 if self.weight_cap is None else min(weight / self.weight_cap, 1.0)
-        update = self.decode_update(tensors)
         factor = 1.0
-        if self.bound is not None:
-            norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
-            if norm > self.bound:
-                factor = self.bound / norm
-                self.reclipped += 1
+        if self.bound is not None and norm > self.bound:
+            factor = self.bound / norm
+            self.reclipped += 1
         for k, v in update.items():
-            self.sums[k].add_(v, alpha=w * factor)
+            self.sums[k].add_(v, alpha=w * factor)  # float32 into float64 in place
         self.weight_sum += w
         self.count += 1
 

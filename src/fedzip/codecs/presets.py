@@ -115,3 +115,41 @@ def registry() -> dict[str, Callable[..., Codec]]:
         "powersgd_ef": powersgd_ef,
         "adaptive": adaptive,
     }
+
+
+_ANS = "Duda, \"Asymmetric numeral systems\", 2013"
+_SURESH = "Suresh, Yu, Kumar, McMahan, \"Distributed Mean Estimation with Limited Communication\", ICML 2017"
+_EDEN = ("Vargaftik et al., \"EDEN: Communication-Efficient and Robust Distributed Mean Estimation "
+         "for Federated Learning\", ICML 2022")
+_EF = "Karimireddy, Rebjock, Stich, Jaggi, \"Error Feedback Fixes SignSGD and other Gradient Compression Schemes\", ICML 2019"
+_POWERSGD = "Vogels, Karimireddy, Jaggi, \"PowerSGD: Practical Low-Rank Gradient Compression\", NeurIPS 2019"
+_STICH = "Stich, Cordonnier, Jaggi, \"Sparsified SGD with Memory\", NeurIPS 2018"
+
+#: registry name → the paper it follows (``fedzip codecs`` prints it)
+PAPERS: dict[str, str] = {
+    "adaptive": "Faghri et al., \"Adaptive Gradient Quantization for Data-Parallel SGD\", NeurIPS 2020",
+    "drive": "Vargaftik et al., \"DRIVE: One-bit Distributed Mean Estimation\", NeurIPS 2021",
+    "ecsq": f"Gish, Pierce, \"Asymptotically Efficient Quantizing\", IEEE T-IT 1968; {_SURESH}; {_ANS}",
+    "eden": _EDEN,
+    "eden_ans": f"{_EDEN}; {_ANS}",
+    "float32": "none (IEEE 754 single precision, the uncompressed reference)",
+    "kashin": ("Lyubarskii, Vershynin, \"Uncertainty Principles and Vector Quantization\", IEEE T-IT 2010; "
+               "Caldas et al., \"Expanding the Reach of Federated Learning\", 2018"),
+    "lloydmax": "Lloyd, \"Least Squares Quantization in PCM\", IEEE T-IT 1982; Max, IRE T-IT 1960",
+    "powersgd": _POWERSGD,
+    "powersgd_ef": _POWERSGD,
+    "qsgd": "Alistarh et al., \"QSGD: Communication-Efficient SGD via Gradient Quantization and Encoding\", NeurIPS 2017",
+    "qsgd_ans": f"Alistarh et al., NeurIPS 2017; {_ANS}",
+    "randk": f"Konečný et al., \"Federated Learning: Strategies for Improving Communication Efficiency\", 2016; {_STICH}",
+    "rotated_lloydmax": f"{_SURESH}; {_EDEN}",
+    "rotated_uniform": _SURESH,
+    "scaled_sign": _EF,
+    "sign": "Bernstein, Wang, Azizzadenesheli, Anandkumar, \"signSGD\", ICML 2018",
+    "sign_ef": _EF,
+    "ssq": ("Kairouz, Liu, Steinke, \"The Distributed Discrete Gaussian Mechanism for Federated Learning "
+            "with Secure Aggregation\", ICML 2021 (the shared scale)"),
+    "topk": "Aji, Heafield, \"Sparse Communication for Distributed Gradient Descent\", EMNLP 2017",
+    "topk_ef": _STICH,
+    "uniform": f"{_SURESH}; TFF's compression_aggregator",
+    "zstd_uniform": f"{_SURESH}; Collet, Kucherawy, \"Zstandard Compression\", RFC 8878, 2021",
+}
