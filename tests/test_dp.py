@@ -380,3 +380,20 @@ def test_noise_before_with_secure_aggregation():
     # six shares of std z·C/√6 sum to z·C, over the denominator 6 (plus the codec's own rounding)
     assert (noisy - quiet).double().std().item() == pytest.approx(z * clip / 6, rel=0.05)
     assert metrics["aggregator/secagg/survivors"] == 6
+
+
+def test_a_run_config_runs_it(tmp_path):
+    from types import SimpleNamespace
+
+    from fedzip.run import run
+
+    data = Blobs(sizes=(20,) * 6)
+    config = RunConfig(
+        algorithm={"type": "dpfedavg", "population": 6, "cohort": 3, "delta": 1e-3, "noise_multiplier": 1.0,
+                   "clip": 0.1},
+        aggregator={"type": "mean", "codec": {"type": "uniform", "bits": 4}, "threshold": 0},
+        task="test_dp:TASK", rounds=2, clients_per_round=3, batch_size=20, client_lr=0.5)
+    result = run(config, logdir=tmp_path, data=(data, data, SimpleNamespace(name="blobs", description="blobs", num_classes=C)),
+                 console=False)
+    eps = [m["privacy/epsilon"] for m in result.history]
+    assert eps == [epsilon(1.0, r, 3, 6, 1e-3) for r in (1, 2)]

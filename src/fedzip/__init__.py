@@ -7,7 +7,7 @@ The public API is flat::
                                     aggregator=fedzip.compression_aggregator())
 """
 
-from fedzip import codecs, metrics, optim, privacy, tasks
+from fedzip import attacks, codecs, metrics, optim, privacy, robust, tasks
 from fedzip.aggregators import (
     AdaptiveNorm,
     Aggregator,
@@ -22,6 +22,7 @@ from fedzip.aggregators import (
 from fedzip.algorithms import (
     ClientHooks,
     ClientWork,
+    DPFedAvg,
     FedAdagradAlgorithm,
     FedAdamAlgorithm,
     FederatedAlgorithm,
@@ -33,6 +34,7 @@ from fedzip.algorithms import (
     ServerState,
     UpdateSpace,
     WeightedFedAvg,
+    dp_fedavg,
     fedprox,
     fedsgd,
     mime_lite,
@@ -53,6 +55,7 @@ from fedzip.errors import (
 from fedzip.execution import LocalExecutor
 from fedzip.models import CharLSTM, FedAvgCNN, fedavg_cnn
 from fedzip.privacy.secagg import secure_mean
+from fedzip.robust import geometric_median, krum, median, trimmed_mean
 from fedzip.seeding import derive_seed, sample_clients
 from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 
@@ -61,7 +64,8 @@ __version__ = "0.2.0"
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
     "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
-    "optim", "privacy", "resolve_task", "tasks", "CharLSTM", "secure_mean", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
+    "optim", "privacy", "resolve_task", "tasks", "CharLSTM", "secure_mean", "attacks", "robust",
+    "geometric_median", "krum", "median", "trimmed_mean", "DPFedAvg", "dp_fedavg", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
     "FedYogiAlgorithm", "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
     "AdaptiveNorm", "Aggregator", "ClientExamples", "ClientFailure", "ClientWork", "ConfigError",
     "DataError", "FedAvgCNN", "FederatedData", "FedzipError", "FixedNorm", "LocalExecutor",

@@ -3,7 +3,7 @@ send, applied to chosen client ids.
 
 Update attacks (the client trains honestly, then sends something else):
 
-* :class:`SignFlip` — ``−λ·update`` (Damaskinos et al.; Li et al., AAAI 2019);
+* :class:`SignFlip` — ``−λ·update`` (the sign-flipping attack of Li et al., "RSA", AAAI 2019);
 * :class:`ScaleUpdate` — ``λ·update`` (boosting, Bhagoji et al., ICML 2019).
 
 They run as a **client-side stage appended innermost** to the attacking
@@ -21,7 +21,7 @@ the encoded message, as a client lying about its data size would.
 
 Data attacks: :class:`LabelFlip` wraps a :class:`~fedzip.data.FederatedData`
 and permutes the labels of chosen clients (``y → C − 1 − y`` by default), so
-they train honestly on poisoned data (Fang et al., USENIX Security 2020).
+they train honestly on poisoned data (Tolpegin et al., ESORICS 2020).
 
 :func:`attacked` puts the wrapper on an algorithm::
 

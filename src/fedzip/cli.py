@@ -137,6 +137,32 @@ def cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A grid of runs from a sweep file (fedzip.sweep): in parallel, resumable, one table and plot."""
+    from fedzip.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config)
+    if args.set:
+        sweep = sweep.with_base(args.set)
+    result = run_sweep(sweep, args.logdir, jobs=args.jobs, backend=args.backend, threads=args.threads,
+                       ray_address=args.ray_address, dry_run=args.dry_run, metric=args.metric,
+                       confidence=args.confidence)
+    if result.failed:
+        print(f"fedzip: error: {len(result.failed)} of {len(result.runs)} runs failed "
+              f"({', '.join(result.failed[:3])}{', ...' if len(result.failed) > 3 else ''}); "
+              "run the same command again to resume them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Runs side by side: one table, one plot (fedzip.compare)."""
+    from fedzip.compare import compare
+
+    compare(args.dirs, out=args.out, csv_path=args.csv, metric=args.metric)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="fedzip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +180,34 @@ def main(argv: list[str] | None = None) -> int:
     p_tut.set_defaults(fn=cmd_tutorial)
     p_codecs = sub.add_parser("codecs", help="list every codec with its arguments, defaults and paper")
     p_codecs.set_defaults(fn=cmd_codecs)
+    p_sweep = sub.add_parser("sweep", help="a grid of runs from a sweep file, in parallel, resumable")
+    p_sweep.add_argument("config", metavar="SWEEP_FILE",
+                         help="JSON (or YAML with PyYAML): {name, base, grid, variants}; see fedzip.sweep")
+    p_sweep.add_argument("--logdir", default=None, help="where the runs, table and plot go (default runs/NAME)")
+    p_sweep.add_argument("--jobs", type=int, default=None,
+                         help="runs at a time, each its own process (default 1; on ray all; 0: in this process)")
+    p_sweep.add_argument("--backend", choices=["local", "ray"], default="local",
+                         help="local: a subprocess per run here; ray: a Ray task per run")
+    p_sweep.add_argument("--ray-address", default=None,
+                         help="with --backend ray: a cluster to join (default a fresh local Ray)")
+    p_sweep.add_argument("--threads", type=int, default=None,
+                         help="torch threads per run (default the cores divided by --jobs)")
+    p_sweep.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                         help="change the base config: a dotted path and a JSON value (repeatable)")
+    p_sweep.add_argument("--metric", default="eval/accuracy",
+                         help="the metric of the per-setting table and the plot")
+    p_sweep.add_argument("--confidence", type=float, default=0.95,
+                         help="confidence of the t-interval over seeds")
+    p_sweep.add_argument("--dry-run", action="store_true",
+                         help="check the grid, list the runs and what would happen to each; run nothing")
+    p_sweep.set_defaults(fn=cmd_sweep)
+    p_cmp = sub.add_parser("compare", help="runs side by side: a table and a plot")
+    p_cmp.add_argument("dirs", nargs="+", metavar="DIR",
+                       help="a run folder, or a folder with run folders below it (a sweep's logdir)")
+    p_cmp.add_argument("--out", default="comparison.png", help="the plot (default comparison.png)")
+    p_cmp.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p_cmp.add_argument("--metric", default="eval/accuracy", help="the metric plotted against rounds and bits")
+    p_cmp.set_defaults(fn=cmd_compare)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

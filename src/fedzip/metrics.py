@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +68,41 @@ class ConsoleWriter:
 
     def close(self) -> None:
         pass
+
+
+class ProgressWriter:
+    """A tqdm progress bar over rounds (on ``file``, stderr by default), with
+    the console's line per round printed above it (``tqdm.write``), so the
+    two never garble each other. ``run()`` uses it in place of
+    :class:`ConsoleWriter` when stderr is a terminal (:func:`console_writer`)."""
+
+    def __init__(self, total: int, initial: int = 0, prefix: str = "", file: Any = None,
+                 lines: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.prefix, self.lines, self._tqdm = prefix, lines, tqdm
+        self.bar = tqdm(total=total, initial=initial, desc=prefix.strip() or None, unit="round",
+                        file=file, dynamic_ncols=True, leave=True)
+
+    def write(self, metrics: Mapping[str, Any]) -> None:
+        if self.lines:
+            self._tqdm.write(self.prefix + format_round(metrics), file=sys.stdout)
+        post = {k: f"{metrics[f'train/{k}']:.4f}" for k in ("loss", "accuracy") if f"train/{k}" in metrics}
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def console_writer(prefix: str, total: int, initial: int = 0) -> MetricWriter:
+    """The console's writer: a progress bar with the lines above it when stderr
+    is a terminal, the plain line per round otherwise (logs, pipes, CI)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    if isatty is not None and isatty():
+        return ProgressWriter(total, initial, prefix)
+    return ConsoleWriter(prefix)
 
 
 class JsonlWriter:

@@ -44,7 +44,7 @@ from fedzip.config import (
 )
 from fedzip.data.federated import ClientExamples, Preprocess
 from fedzip.errors import ConfigError, DataError
-from fedzip.metrics import ConsoleWriter, JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter
+from fedzip.metrics import JsonlWriter, MetricWriter, MultiWriter, TensorBoardWriter, console_writer
 from fedzip.seeding import derive_seed, sample_clients
 from fedzip.tasks import Task, resolve_task
 
@@ -199,7 +199,8 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
 
     writers: list[MetricWriter] = list(extra_writers or [])
     if console:
-        writers.append(ConsoleWriter(prefix=f"[{config.name}] "))
+        # a progress bar over rounds when stderr is a terminal, one line per round either way
+        writers.append(console_writer(f"[{config.name}] ", config.rounds, state.round))
     if logdir is not None:
         # purge_step: TensorBoard hides the steps from there on written before, so a
         # resumed (or repeated) run's curves have each round once

@@ -9,6 +9,7 @@ from fedzip.algorithms.client import (
            ClientTask,
            ClientWork,
 )
+from fedzip.algorithms.dp import DPFedAvg, dp_fedavg
 from fedzip.algorithms.fedavg import WeightedFedAvg, weighted_fedavg
 from fedzip.algorithms.fedprox import FedProx, fedprox
 from fedzip.algorithms.fedsgd import FedSGD, fedsgd
@@ -17,7 +18,7 @@ from fedzip.algorithms.scaffold import Scaffold, scaffold
 from fedzip.algorithms.space import FullSpace, UpdateSpace
 from fedzip.algorithms.state import ServerState
 
-__all__ = ["FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD", "FedYogiAlgorithm", "FullSpace",
+__all__ = ["DPFedAvg", "dp_fedavg", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD", "FedYogiAlgorithm", "FullSpace",
            "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
            "ClientContext", "ClientHooks", "ClientResult", "ClientTask", "ClientWork", "FedProx",
            "FederatedAlgorithm", "ServerState", "WeightedFedAvg", "fedprox", "resolve_device",

@@ -255,6 +255,7 @@ class FederatedAlgorithm:
                 cs["algorithm"] = algo_store[cid]
             tasks.append(ClientTask(cid, round_num, broadcast, cs, pbytes))
 
+        t_broadcast = time.perf_counter() - t_round  # broadcast and personal messages encoded
         acc = agg.accumulator(state.params)
         full_space = type(space) is UpdateSpace
         if agg.secure is not None:  # secure aggregation (fedzip.privacy.secagg): keys first
@@ -276,6 +277,7 @@ class FederatedAlgorithm:
         failures: list[ClientFailure] = []
         timings: dict[str, float] = {}
         t_fold = 0.0
+        t_clients = time.perf_counter()
         for res in self.executor.map(self.work, data, tasks):
             if isinstance(res, ClientFailure):
                 failures.append(res)
@@ -314,6 +316,8 @@ class FederatedAlgorithm:
             if "algorithm" in res.client_state:
                 new_algo[res.client_id] = res.client_state["algorithm"]
 
+        t_clients = time.perf_counter() - t_clients - t_fold  # waiting on the executor
+        t_server = time.perf_counter()
         needed = len(client_ids) if self.min_clients is None else min(self.min_clients, len(client_ids))
         if acc.count < needed:
             why = "; ".join(f"{f.client_id}: {f.reason}" for f in failures[:5])
@@ -333,6 +337,7 @@ class FederatedAlgorithm:
             raise RoundFailedError(
                 f"round {round_num}: the server step produced NaN or Inf; the state is unchanged"
             )
+        t_server = time.perf_counter() - t_server
         codec_store, codec_dropped = codec_store.updated(new_codec) if new_codec else (codec_store, [])
         algo_store, algo_dropped = algo_store.updated(new_algo) if new_algo else (algo_store, [])
         if algo_dropped:
@@ -375,6 +380,9 @@ class FederatedAlgorithm:
         for k, v in timings.items():
             metrics[f"time/client_{k}_s"] = v
         metrics["time/server_fold_s"] = t_fold
+        metrics["time/broadcast_encode_s"] = t_broadcast
+        metrics["time/client_wait_s"] = t_clients
+        metrics["time/server_update_s"] = t_server
         if failures:
             metrics["failures"] = [{"client_id": f.client_id, "reason": f.reason} for f in failures]
         new_state = ServerState(params, opt_state, agg_state, round_num, groups,

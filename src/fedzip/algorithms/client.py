@@ -83,7 +83,8 @@ class ClientTask:
 @dataclass(frozen=True)
 class ClientResult:
     """A client's update message, its new states (by owner) and its timings
-    (seconds: data, train, encode; instrumentation, not sent on the wire)."""
+    (seconds: decode (the broadcast, once per round per process, and the
+    personal message), data, train, encode; instrumentation, not sent on the wire)."""
 
     client_id: str
     message: bytes
@@ -196,6 +197,7 @@ class ClientWork:
         if task.personal:
             pmsg = decode_message(task.personal, expect=Kind.BROADCAST)
             groups = {**groups, **_decode_groups_only(pmsg, self.broadcast_policy)}
+        t_decode = time.perf_counter() - t0
         examples = data.client(task.client_id)
         base = self.model()
         if received:
@@ -267,7 +269,8 @@ class ClientWork:
         if ctx.out_state is not None:
             states["algorithm"] = ctx.out_state
         t_total = time.perf_counter() - t0
-        timings = {"data": t_data, "train": t_train, "encode": t_total - t_data - t_train}
+        timings = {"decode": t_decode, "data": t_data - t_decode, "train": t_train,
+                   "encode": t_total - t_data - t_train}
         return ClientResult(task.client_id, message, states, timings)
 
 

@@ -444,7 +444,7 @@ class FederatedDropout(FederatedAlgorithm):
         self.keep = {kind: base if v is None else _fraction(f"keep_{kind}", v)
                      for kind, v in (("fc", keep_fc), ("conv", keep_conv), ("lstm", keep_lstm))}
         super().__init__(*args, **kwargs)
-        _check_streaming(self)
+        _check_aggregator(self)
 
     def update_space(self) -> DropoutSpace:
         return DropoutSpace(dropout_plan(_template_model(self)), self.keep)
@@ -459,11 +459,21 @@ def _template_model(algo: FederatedAlgorithm) -> nn.Module:
     return model
 
 
-def _check_streaming(algo: FederatedAlgorithm) -> None:
+def _check_aggregator(algo: FederatedAlgorithm) -> None:
+    """Refuse what cannot work when each client sends its own coordinates."""
+    from fedzip.codecs import ErrorFeedback
+
     agg = algo.aggregator
     if getattr(agg, "accumulator_kind", None) is None and agg.policy.summable():
         raise ConfigError(f"{algo.name}: clients send tensors of their own coordinates, which the server "
                           "maps back one by one; a summable codec's encoded sums cannot be used here")
+    for codec in agg.policy.codecs():
+        while codec is not None:
+            if isinstance(codec, ErrorFeedback):
+                raise ConfigError(f"{algo.name}: error feedback keeps a client's residual in the coordinates "
+                                  "it sent last round, and these change every round (other units, another "
+                                  "A or mask): the residual would land on the wrong coordinates")
+            codec = getattr(codec, "inner", None)
 
 
 def federated_dropout(model_fn: Any = None, client_optimizer: Any = None, server_optimizer: Any = None,

@@ -44,7 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedzip.algorithms.base import FederatedAlgorithm
-from fedzip.algorithms.dropout import _check_streaming
+from fedzip.algorithms.dropout import _check_aggregator
 from fedzip.algorithms.space import UpdateSpace
 from fedzip.errors import ConfigError
 from fedzip.seeding import numpy_rng, torch_rng
@@ -261,7 +261,7 @@ class LowRankUpdates(FederatedAlgorithm):
         self._space_args = {"rank": rank, "fraction": fraction, "threshold": threshold}
         LowRankSpace(0, **self._space_args)  # validates before the rest is built
         super().__init__(*args, **kwargs)
-        _check_streaming(self)
+        _check_aggregator(self)
 
     def update_space(self) -> LowRankSpace:
         return LowRankSpace(self.seed, **self._space_args)
@@ -278,7 +278,7 @@ class RandomMaskUpdates(FederatedAlgorithm):
         self._space_args = {"fraction": fraction, "threshold": threshold, "per_coordinate": per_coordinate}
         RandomMaskSpace(0, **self._space_args)
         super().__init__(*args, **kwargs)
-        _check_streaming(self)
+        _check_aggregator(self)
 
     def update_space(self) -> RandomMaskSpace:
         return RandomMaskSpace(self.seed, **self._space_args)

@@ -506,6 +506,8 @@ class _Round:
         died in (reported failed); those queued behind it go to the others."""
         with contextlib.suppress(Exception):
             self._drain(w)  # results it sent before dying count
+        with contextlib.suppress(Exception):
+            w.proc.join(2.0)  # its pipe closed: it has ended or is ending (for the exit code)
         blamed = False
         for seq, idx in w.queue:
             self.where.pop(seq, None)

@@ -67,8 +67,12 @@ def modulus_bits(codec: Codec, cohort: int) -> int:
     """``m``: the sum of ``cohort`` codes of the codec's ``b`` bits is summed mod ``2^m``.
 
     ``m = sum_bits(b, n)``; the largest possible sum, ``n · (2^b − 1)``, must be
-    below ``2^m``, so nothing wraps."""
+    below ``2^m``, so nothing wraps. A codec with ``modular = True`` codes in
+    ``Z_{2^b}`` and means its sum mod ``2^b`` (distributed DP's modular
+    clipping, :mod:`fedzip.privacy.ddp`): then ``m = b``."""
     b = codec_bits(codec)
+    if getattr(codec, "modular", False) is True:
+        return b
     m = sum_bits(b, cohort)
     if cohort * (2**b - 1) >= 2**m:  # never, by sum_bits' construction: the guard says why m suffices
         raise ConfigError(f"{cohort} codes of {b} bits overflow Z_2^{m}")
