@@ -1,9 +1,9 @@
 """Accuracy against bits: FedAvg on the UNIPEN digits with and without compression.
 
 Every setting trains the seed's FedAvg CNN on the UNIPEN digits, split
-naturally by writer (284 writers, from ``../shared/data/unipen``), with the
-same seed, so every run samples the same clients in the same order and only
-the compression differs. It prints, per setting, the test accuracy at the
+naturally by writer (284 writers, from ``../shared/data/unipen``); runs of
+the same seed sample the same clients in the same order, so within a seed
+only the compression differs. It prints, per setting, the test accuracy at the
 end, the mean of the last three evaluations (one test-set evaluation is noisy
 to about +-0.3 points: 3,192 test examples), the cumulative uplink
 (aggregated) and downlink (broadcasted) bits counted from the bytes on the
@@ -27,8 +27,21 @@ Training: 10 clients a round, batch 20, one local epoch, client SGD, server
 SGD lr 1.0 (the seed's settings), with client lr 0.05 rather than 0.02 so the
 runs converge within the rounds a benchmark can afford.
 
-    python benchmarks/accuracy_vs_bits.py [--rounds 300] [--eval-every 20]
-                                          [--only float32,eden1] [--out runs/accuracy_vs_bits]
+Seeds: every setting runs once per seed (``--seeds 0,1,2``, the default),
+through :mod:`fedzip.sweep`: each run a run folder of its own in ``--out``
+(named by the setting's label and the seed), ``--jobs`` at a time, skipped
+when complete and resumed from its checkpoint when interrupted, so an
+interrupted benchmark goes on where it stopped when run again. A seed changes
+the clients sampled, the model's initialization and every codec's
+randomness. Each figure is printed as mean ± standard deviation over the
+seeds (sample sd, n - 1), with the 95% t-interval of the final accuracy; the
+plot draws the mean curve with that interval as a band. The sweep's own
+``results.csv`` (one row per run) and ``groups.csv`` (per setting) are in
+``--out`` too.
+
+    python benchmarks/accuracy_vs_bits.py [--rounds 300] [--eval-every 20] [--seeds 0,1,2]
+                                          [--jobs 2] [--only float32,eden1]
+                                          [--dataset unipen-digits] [--out runs/accuracy_vs_bits]
                                           [--replot]
     python benchmarks/accuracy_vs_bits.py --quick     # 30 rounds, a smoke run
 """
@@ -37,17 +50,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from fedzip.config import RunConfig
-from fedzip.data import load_dataset
 from fedzip.data.unipen import default_unipen_root
-from fedzip.metrics import format_bits
-from fedzip.run import run
+from fedzip.metrics import format_bits, read_jsonl
+from fedzip.sweep import Sweep, run_sweep, t_interval
 
 BLOCK = 65536
 # (label, uplink aggregator spec, downlink broadcast spec)
@@ -71,13 +81,81 @@ SETTINGS: list[tuple[str, str, str]] = [
 GOAL_POINTS, GOAL_RATIO = 0.5, 32.0
 
 
+def build_sweep(settings, dataset: str, rounds: int, eval_every: int, client_lr: float,
+                seeds: list[int]) -> Sweep:
+    """The benchmark as a sweep: one variant per setting, crossed with the seeds."""
+    return Sweep.from_dict({
+        "name": "accuracy_vs_bits",
+        "base": {"dataset": dataset, "rounds": rounds, "eval_every": eval_every, "client_lr": client_lr},
+        "grid": {"seed": seeds},
+        "variants": {label: {"aggregator": agg, "broadcast": bc} for label, agg, bc in settings},
+    })
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+    return m, sd
+
+
+def _pm(m: float, sd: float, scale: float = 1.0, digits: int = 4) -> str:
+    return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if math.isfinite(sd) else "")
+
+
+def summarize(result, settings) -> list[dict]:
+    """Per setting, over its seeds: final accuracy, mean of the last three
+    evaluations, bits, the mean curve with its 95% t-interval."""
+    rows = []
+    for label, aggregator, broadcast in settings:
+        runs = [r for r in result.runs if r.variant == label
+                and next(x for x in result.rows if x["name"] == r.name)["status"] == "complete"]
+        if not runs:
+            continue
+        per_seed = []
+        for r in runs:
+            hist = read_jsonl(result.logdir / r.name / "metrics.jsonl")
+            evals = [m for m in hist if m.get("eval/accuracy") is not None]
+            per_seed.append({
+                "seed": r.config.seed, "final": evals[-1]["eval/accuracy"],
+                "last3": sum(m["eval/accuracy"] for m in evals[-3:]) / len(evals[-3:]),
+                "up": hist[-1]["aggregated_bits/cumulative"], "down": hist[-1]["broadcasted_bits/cumulative"],
+                "curve": {m["round"]: (m["aggregated_bits/cumulative"], m["eval/accuracy"]) for m in evals},
+                "seconds": sum(m.get("time/round_s", 0) + m.get("time/eval_s", 0) for m in hist)})
+        rounds = sorted(set.intersection(*(set(p["curve"]) for p in per_seed)))
+        curve, band = [], []
+        for rnd in rounds:
+            pts = [p["curve"][rnd] for p in per_seed]
+            mean, low, high = t_interval([a for _, a in pts])
+            curve.append((sum(b for b, _ in pts) / len(pts), mean))
+            band.append((low, high))
+        final_m, final_sd = _mean_sd([p["final"] for p in per_seed])
+        last3_m, last3_sd = _mean_sd([p["last3"] for p in per_seed])
+        _, lo, hi = t_interval([p["final"] for p in per_seed])
+        rows.append({
+            "label": label, "aggregator": aggregator, "broadcast": broadcast, "n": len(per_seed),
+            "seeds": [p["seed"] for p in per_seed],
+            "final": final_m, "final_sd": final_sd, "final_ci95": [lo, hi],
+            "last3": last3_m, "last3_sd": last3_sd, "last3_by_seed": {p["seed"]: p["last3"] for p in per_seed},
+            "up": sum(p["up"] for p in per_seed) / len(per_seed),
+            "down": sum(p["down"] for p in per_seed) / len(per_seed),
+            "curve": curve, "band": band,
+            "seconds": sum(p["seconds"] for p in per_seed) / len(per_seed),
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--client-lr", type=float, default=0.05)
+    ap.add_argument("--rounds", type=int, default=300, help="rounds per run")
+    ap.add_argument("--eval-every", type=int, default=20, help="evaluate every N rounds")
+    ap.add_argument("--client-lr", type=float, default=0.05, help="client SGD learning rate")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: each setting runs once per seed")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default min(2, cores / jobs))")
+    ap.add_argument("--dataset", default="unipen-digits", help="data set of every run (mnist5k for a smoke run)")
     ap.add_argument("--only", default="", help="comma-separated labels of the settings to run")
-    ap.add_argument("--out", default="runs/accuracy_vs_bits", help="metrics, TensorBoard and the plot")
+    ap.add_argument("--out", default="runs/accuracy_vs_bits", help="run folders, tables and the plot")
     ap.add_argument("--quick", action="store_true", help="30 rounds, evaluation every 10")
     ap.add_argument("--replot", action="store_true", help="redraw the plot from OUT/summary.json and exit")
     args = ap.parse_args(argv)
@@ -86,64 +164,80 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.rounds, args.eval_every = 30, 10
-    if not (default_unipen_root() / "unipen_femnist_full.npz").exists():
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: give comma-separated integers")
+    if not seeds:
+        ap.error("--seeds: give at least one seed")
+    if args.dataset.startswith("unipen") and not (default_unipen_root() / "unipen_femnist_full.npz").exists():
         print(f"skipped: the UNIPEN data is not at {default_unipen_root()} (see ../shared/data/unipen)")
         return 0
     wanted = [s for s in SETTINGS if not args.only or s[0] in args.only.split(",")]
     if not wanted:
         ap.error(f"--only matches no setting; labels: {[s[0] for s in SETTINGS]}")
+    threads = args.threads or max(1, min(2, (os.cpu_count() or 1) // max(1, args.jobs)))
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    data = load_dataset("unipen-digits")
-    print(f"data: {data[2].description}")
-    print(f"{args.rounds} rounds of 10 clients, batch 20, 1 epoch, client SGD lr {args.client_lr}, "
-          f"server SGD lr 1.0; {torch.get_num_threads()} threads\n")
+    print(f"{args.dataset}: {args.rounds} rounds of 10 clients, batch 20, 1 epoch, client SGD lr {args.client_lr}, "
+          f"server SGD lr 1.0; seeds {seeds}; {args.jobs} run(s) at a time, {threads} thread(s) each\n")
     out = Path(args.out)
-    rows = []
-    for label, aggregator, broadcast in wanted:
-        cfg = RunConfig(dataset="unipen-digits", aggregator=aggregator, broadcast=broadcast,
-                        rounds=args.rounds, eval_every=args.eval_every, client_lr=args.client_lr,
-                        name=label)
-        t0 = time.perf_counter()
-        res = run(cfg, logdir=out / label, data=data, console=False)
-        evals = [(m["round"], m["eval/accuracy"]) for m in res.history if "eval/accuracy" in m]
-        last = res.history[-1]
-        rows.append({
-            "label": label, "aggregator": aggregator, "broadcast": broadcast,
-            "final": evals[-1][1], "last3": sum(a for _, a in evals[-3:]) / len(evals[-3:]),
-            "up": last["aggregated_bits/cumulative"], "down": last["broadcasted_bits/cumulative"],
-            "curve": [(m["aggregated_bits/cumulative"], m["eval/accuracy"])
-                      for m in res.history if "eval/accuracy" in m],
-            "seconds": time.perf_counter() - t0,
-        })
-        r = rows[-1]
-        print(f"  {label:13s} acc {r['final']:.4f} (last 3: {r['last3']:.4f})  up {format_bits(r['up'])}"
-              f"  down {format_bits(r['down'])}  {r['seconds']:.0f} s", flush=True)
+    sweep = build_sweep(wanted, args.dataset, args.rounds, args.eval_every, args.client_lr, seeds)
+    result = run_sweep(sweep, out, jobs=args.jobs, threads=threads)
+    rows = summarize(result, wanted)
 
     base = next((r for r in rows if r["label"] == "float32"), None)
-    print(f"\n{'setting':13s} {'final acc':>9s} {'last 3':>7s} {'uplink':>12s} {'x fewer':>8s}"
-          f" {'downlink':>12s} {'x fewer':>8s}  {'d(last 3)':>9s}")
+    print(f"\nover seeds {seeds}: mean ± standard deviation (sample sd)")
+    print(f"{'setting':13s} {'n':>2s} {'final acc':>17s} {'95% t-interval':>17s} {'last 3':>17s} {'uplink':>12s}"
+          f" {'x fewer':>8s} {'downlink':>12s} {'x fewer':>8s}  {'d(last 3)':>17s}")
     for r in rows:
         up_ratio = base["up"] / r["up"] if base else float("nan")
         down_ratio = base["down"] / r["down"] if base else float("nan")
-        delta = 100 * (r["last3"] - base["last3"]) if base else float("nan")
-        print(f"{r['label']:13s} {r['final']:9.4f} {r['last3']:7.4f} {format_bits(r['up']):>12s} "
-              f"{up_ratio:8.1f} {format_bits(r['down']):>12s} {down_ratio:8.1f}  {delta:+8.2f} pt")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+        delta, delta_sd = _delta(r, base)
+        lo, hi = r["final_ci95"]
+        ci = f"[{lo:.4f}, {hi:.4f}]" if math.isfinite(lo) else ""
+        print(f"{r['label']:13s} {r['n']:2d} {_pm(r['final'], r['final_sd']):>17s} {ci:>17s} "
+              f"{_pm(r['last3'], r['last3_sd']):>17s} {format_bits(r['up']):>12s} "
+              f"{up_ratio:8.1f} {format_bits(r['down']):>12s} {down_ratio:8.1f}  "
+              f"{_pm(delta, delta_sd, 100, 2) + ' pt':>17s}")
+    (out / "summary.json").write_text(json.dumps(_clean(rows), indent=1))
     plot(rows, out / "accuracy_vs_bits.png")
-    print(f"\nplot: {out / 'accuracy_vs_bits.png'}")
+    print(f"\nplot: {out / 'accuracy_vs_bits.png'}; per run: {out / 'results.csv'}")
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; run again to resume them")
     if base is None:
-        return 0
+        return 1 if result.failed else 0
     ok = [r for r in rows if base["up"] / r["up"] >= GOAL_RATIO
           and 100 * (base["last3"] - r["last3"]) <= GOAL_POINTS]
     best = max(ok, key=lambda r: base["up"] / r["up"]) if ok else None
     if best:
-        print(f"goal (within {GOAL_POINTS} pt of float32 at >= {GOAL_RATIO:.0f}x fewer uplink bits): met by "
-              f"{', '.join(r['label'] for r in ok)}; best ratio {base['up'] / best['up']:.1f}x ({best['label']}, "
-              f"{100 * (best['last3'] - base['last3']):+.2f} pt)")
+        print(f"goal (within {GOAL_POINTS} pt of float32 at >= {GOAL_RATIO:.0f}x fewer uplink bits, means over "
+              f"seeds): met by {', '.join(r['label'] for r in ok)}; best ratio {base['up'] / best['up']:.1f}x "
+              f"({best['label']}, {100 * (best['last3'] - base['last3']):+.2f} pt)")
     else:
         print(f"goal (within {GOAL_POINTS} pt of float32 at >= {GOAL_RATIO:.0f}x fewer uplink bits): not met")
-    return 0
+    return 1 if result.failed else 0
+
+
+def _clean(obj):
+    """NaN (an interval of one seed) as null: summary.json stays plain JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _delta(r: dict, base: dict | None) -> tuple[float, float]:
+    """Mean and sd over the shared seeds of the paired difference in last-3 accuracy
+    against float32 (the same seed samples the same clients)."""
+    if base is None:
+        return float("nan"), float("nan")
+    shared = [s for s in r["last3_by_seed"] if s in base["last3_by_seed"]]
+    if not shared:
+        return r["last3"] - base["last3"], float("nan")
+    return _mean_sd([r["last3_by_seed"][s] - base["last3_by_seed"][s] for s in shared])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -156,12 +250,19 @@ def plot(rows: list[dict], path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(rows):
         bits, acc = zip(*r["curve"], strict=True)
+        n = r.get("n", 1)
         ax.plot(bits, acc, marker=".", color=colors[i % len(colors)], linestyle="-" if i % 2 == 0 else "--",
-                label=r["label"])
+                label=r["label"] + (f" (n={n})" if n > 1 else ""))
+        band = r.get("band")
+        if band and any(lo is not None and math.isfinite(lo) for lo, _ in band):
+            nan = float("nan")
+            ax.fill_between(bits, [nan if lo is None else lo for lo, _ in band],
+                            [nan if hi is None else hi for _, hi in band], color=colors[i % len(colors)],
+                            alpha=0.15, linewidth=0)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bits")
     ax.set_ylabel("test accuracy")
-    ax.set_title("FedAvg on UNIPEN digits: accuracy against uplink bits")
+    ax.set_title("FedAvg: accuracy against uplink bits (mean over seeds, band: 95% t-interval)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

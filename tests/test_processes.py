@@ -33,7 +33,9 @@ from fedzip.execution import (
     ProcessExecutor,
     RayExecutor,
     available_cores,
+    check_oversubscription,
     default_layout,
+    free_cores,
     make_executor,
     ray_available,
 )
@@ -291,7 +293,19 @@ def test_oversubscription_warns_once_exactly_when_threads_exceed_cores(workers, 
     assert len(caught) == (1 if warns else 0) and ex.oversubscribed == warns
     if warns:
         msg = str(caught[0].message)
-        assert f"{workers * threads} threads on {cores} available cores" in msg
+        assert f"{workers * threads} threads on {cores} free cores ({cores} available)" in msg
+
+
+@pytest.mark.parametrize(("busy", "free", "warns"), [(0.0, 2, False), (0.4, 2, False), (1.0, 1, True),
+                                                     (5.0, 1, True)])
+def test_cores_other_processes_keep_busy_are_not_free(busy, free, warns):
+    """Other processes' runnable threads (given here; measured by default) take
+    cores: 2 single-threaded workers on 2 cores warn when one of them is busy."""
+    assert free_cores(2, busy) == free and default_layout(free) == (free, 1)
+    fired, caught = _warnings_of(lambda: check_oversubscription(2, 1, cores=2, busy=busy))
+    assert fired == warns and len(caught) == int(warns)
+    if warns:
+        assert "other processes keep" in str(caught[0].message)
 
 
 def test_make_executor_builds_the_processes_backend_and_warns_for_any_backend(monkeypatch):
@@ -301,8 +315,9 @@ def test_make_executor_builds_the_processes_backend_and_warns_for_any_backend(mo
     with pytest.raises(ConfigError, match="backend"):
         RunConfig(backend="threads")
     monkeypatch.setattr(processes_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(processes_mod, "busy_cores", lambda: 0.0)  # an idle machine
     _, caught = _warnings_of(lambda: make_executor(RunConfig(backend="local", threads=4)))
-    assert len(caught) == 1 and "4 threads on 2 available cores" in str(caught[0].message)
+    assert len(caught) == 1 and "4 threads on 2 free cores" in str(caught[0].message)
     _, caught = _warnings_of(lambda: make_executor(RunConfig(backend="local", threads=2)))
     assert not caught
     _, caught = _warnings_of(lambda: make_executor(RunConfig(backend="processes", num_workers=2, threads=2)))
@@ -311,5 +326,5 @@ def test_make_executor_builds_the_processes_backend_and_warns_for_any_backend(mo
     assert not caught
 
 
-def test_available_cores_is_at_least_one_and_at_most_the_machine():
-    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+def test_available_and_free_cores_are_at_least_one_and_at_most_the_machine():
+    assert 1 <= free_cores() <= available_cores() <= (os.cpu_count() or 1)

@@ -55,6 +55,23 @@ def spec_text(spec: Any) -> str:
     return json.dumps(spec, separators=(",", ":"), sort_keys=False)
 
 
+def short_spec(spec: Any) -> str:
+    """A config spec to read at a glance: ``clipping(norm=1.0, inner=mean(codec=eden(bits=2)))``
+    for an object (or its JSON text), a name as it is."""
+    if isinstance(spec, str) and spec.startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            return spec
+    if isinstance(spec, Mapping):
+        opts = {k: v for k, v in spec.items() if k != "type"}
+        inner = ", ".join(f"{k}={short_spec(v)}" for k, v in opts.items())
+        return f"{spec.get('type', '')}({inner})"
+    if isinstance(spec, list):
+        return "[" + ", ".join(short_spec(v) for v in spec) + "]"
+    return str(spec)
+
+
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -170,7 +187,7 @@ def labels(paths: Sequence[Path]) -> list[str]:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
-                 width: int = 28) -> str:
+                 width: int = 48) -> str:
     """Rows as aligned text: ``columns`` are (key, header); None is a blank, bits
     in binary units, floats to 4 places, strings cut to ``width``."""
     def cell(key: str, v: Any) -> str:
@@ -180,7 +197,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
             return format_bits(v)
         if isinstance(v, float):
             return f"{v:.1f}" if key.endswith("_s") else f"{v:.4f}"
-        s = str(v)
+        s = short_spec(v) if key in ("algorithm", "aggregator", "broadcast") else str(v)
         return s if len(s) <= width else s[: width - 1] + "…"
 
     body = [[cell(k, r.get(k)) for k, _ in columns] for r in rows]

@@ -503,7 +503,7 @@ def plot_groups(curves: Mapping[str, Sequence[Mapping[str, float]]], out: str | 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors
     for i, (name, curve) in enumerate(curves.items()):
         if not curve:
             continue
@@ -511,7 +511,7 @@ def plot_groups(curves: Mapping[str, Sequence[Mapping[str, float]]], out: str | 
         for ax, xkey in zip(axes, ("uplink_bits", "total_bits"), strict=True):
             xs = [p[xkey] for p in curve]
             ax.plot(xs, [p["mean"] for p in curve], marker=".", color=c, label=name,
-                    linestyle="-" if i % 2 == 0 else "--")
+                    linestyle=("-", "--", ":", "-.")[(i // len(colors)) % 4])
             if any(math.isfinite(p["low"]) for p in curve):
                 ax.fill_between(xs, [p["low"] for p in curve], [p["high"] for p in curve], color=c, alpha=0.2,
                                 linewidth=0)
@@ -884,6 +884,8 @@ def _report(sweep: Sweep, runs: Sequence[SweepRun], status: dict[str, str], logd
         attempts = state.get("attempts", [])
         row["wall_s"] = sum(a.get("wall_s") or 0 for a in attempts) if attempts else None
         row["attempts"] = len(attempts)
+        if "path" in row:
+            row["path"] = row.pop("path")  # last
         rows[r.name] = row
     table = list(rows.values())
     csv_path = write_csv(table, logdir / "results.csv")

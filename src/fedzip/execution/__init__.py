@@ -18,7 +18,7 @@ One module per concept:
 * :mod:`~fedzip.execution.processes`: :class:`ProcessExecutor`
   (``backend="processes"``), client work in worker processes on this
   machine, no extra dependency; :func:`default_layout` (processes x threads
-  for the cores) and the :class:`OversubscriptionWarning`;
+  for the free cores) and the :class:`OversubscriptionWarning`;
 * :mod:`~fedzip.execution.ray`: :class:`RayExecutor` (``pip install
   'fedzip[ray]'``, ``backend="ray"``), client work on Ray actors;
 * :mod:`~fedzip.execution.factory`: :func:`make_executor`, the executor a
@@ -32,11 +32,13 @@ from fedzip.execution.processes import (
     OversubscriptionWarning,
     ProcessExecutor,
     available_cores,
+    busy_cores,
     check_oversubscription,
     default_layout,
+    free_cores,
 )
 from fedzip.execution.ray import RayExecutor, ray_available
 
 __all__ = ["Executor", "LocalExecutor", "OversubscriptionWarning", "ProcessExecutor", "RayExecutor",
-           "available_cores", "check_oversubscription", "default_layout", "make_executor", "ray_available",
-           "torch_threads"]
+           "available_cores", "busy_cores", "check_oversubscription", "default_layout", "free_cores",
+           "make_executor", "ray_available", "torch_threads"]

@@ -22,10 +22,13 @@ is reported as the failure of the client it was running and is replaced; the
 clients queued behind it run again elsewhere.
 
 Cores: :func:`available_cores` counts the cores this process may use (CPU
-affinity and the cgroup quota). Without arguments the executor picks
-:func:`default_layout` for them; a layout with more threads in all than
-cores warns once (:class:`OversubscriptionWarning`): OpenMP threads that share
-a core spin against each other and a round can take several times as long.
+affinity and the cgroup quota), :func:`free_cores` those of them other
+processes do not keep busy right now. Without arguments the executor picks
+:func:`default_layout` for the free cores; a layout with more threads in all
+than free cores warns once (:class:`OversubscriptionWarning`): OpenMP threads
+that share a core spin against each other and a round can take several times
+as long (measured: 11x for one process of 2 threads on 2 cores that other
+processes keep busy, ``benchmarks/round_time.py``).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ from typing import Any
 from fedzip.errors import ClientFailure, ConfigError, RoundFailedError
 from fedzip.execution.base import check_threads
 
-__all__ = ["OversubscriptionWarning", "ProcessExecutor", "available_cores", "check_oversubscription",
-           "default_layout"]
+__all__ = ["OversubscriptionWarning", "ProcessExecutor", "available_cores", "busy_cores",
+           "check_oversubscription", "default_layout", "free_cores"]
 
 
 class OversubscriptionWarning(UserWarning):
@@ -89,29 +92,65 @@ def _cgroup_quota() -> float | None:
         return None
 
 
+def busy_cores(samples: int = 5, interval: float = 0.01) -> float:
+    """Cores other processes keep busy now: the median over a few samples of the
+    runnable threads (``procs_running`` of ``/proc/stat``, less this one);
+    elsewhere the 1-minute load average."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                line = next(x for x in f if x.startswith("procs_running"))
+            counts.append(max(0, int(line.split()[1]) - 1))
+        except (OSError, StopIteration, ValueError, IndexError):
+            break
+        if i + 1 < samples:
+            time.sleep(interval)
+    if counts:
+        return float(sorted(counts)[len(counts) // 2])
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def free_cores(cores: int | None = None, busy: float | None = None) -> int:
+    """Available cores less those other processes keep busy (:func:`busy_cores`), at least 1."""
+    cores = available_cores() if cores is None else cores
+    busy = busy_cores() if busy is None else busy
+    return max(1, min(cores, round(cores - busy)))
+
+
 def default_layout(cores: int | None = None) -> tuple[int, int]:
-    """``(workers, threads per worker)`` for ``cores`` (default :func:`available_cores`):
+    """``(workers, threads per worker)`` for ``cores`` (default :func:`free_cores`):
     one single-threaded worker per core. Measured on the seed workload and on
     100 clients a round (``benchmarks/round_time.py``, ``benchmarks/scale.py``):
-    on 2 cores, 2 processes of 1 thread beat 1 process of 2 threads, because
-    intra-op threads scale poorly on batches of 20 small images while clients
-    are independent."""
-    cores = available_cores() if cores is None else cores
+    processes of 1 thread against 1 process of several, the processes win, and
+    a process of several threads slows down badly when the cores are shared
+    (OpenMP threads wait for each other at every operation)."""
+    cores = free_cores() if cores is None else cores
     return max(1, cores), 1
 
 
 def check_oversubscription(workers: int, threads: int, cores: int | None = None,
-                           what: str = "client workers") -> bool:
+                           what: str = "client workers", busy: float | None = None) -> bool:
     """Warn (:class:`OversubscriptionWarning`) and return True when ``workers *
-    threads`` torch threads would run on fewer cores."""
-    cores = available_cores() if cores is None else cores
-    if workers * threads <= cores:
+    threads`` torch threads are more than the free cores: ``cores`` (default
+    :func:`available_cores`) less ``busy`` (default :func:`busy_cores`, 0 when
+    ``cores`` is given)."""
+    if cores is None:
+        cores = available_cores()
+        busy = busy_cores() if busy is None else busy
+    busy = busy or 0.0
+    free = free_cores(cores, busy)
+    if workers * threads <= free:
         return False
+    others = f", other processes keep {busy:.0f} busy" if busy >= 0.5 else ""
     warnings.warn(OversubscriptionWarning(
-        f"{workers} {what} x {threads} torch threads = {workers * threads} threads on {cores} "
-        f"available cores: threads that share a core spin against each other and rounds can take "
-        f"several times as long. Use workers x threads <= {cores} (e.g. threads=1, "
-        f"num_workers={cores})"), stacklevel=3)
+        f"{workers} {what} x {threads} torch threads = {workers * threads} threads on {free} free cores "
+        f"({cores} available{others}): threads that share a core spin against each other and rounds "
+        f"can take several times as long. Use workers x threads <= {free} (threads=1, num_workers={free})"),
+        stacklevel=3)
     return True
 
 
@@ -271,10 +310,11 @@ class ProcessExecutor:
             replaced and the client reported failed (None: no limit).
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         startup_timeout: seconds for workers to start and unpickle the work.
-        cores: the cores to plan for (default :func:`available_cores`).
+        cores: the free cores to plan for (default :func:`free_cores`: the
+            available ones less those other processes keep busy).
 
     Warns once (:class:`OversubscriptionWarning`) when ``num_workers * threads``
-    exceeds ``cores``. Call :meth:`close` (or use ``with``) at the end; the
+    exceeds the free cores. Call :meth:`close` (or use ``with``) at the end; the
     workers are daemon processes, stopped at exit anyway.
     """
 
@@ -300,7 +340,9 @@ class ProcessExecutor:
             raise ConfigError(f"task_timeout must be > 0 seconds or None, got {task_timeout!r}")
         if start_method not in ("spawn", "forkserver"):
             raise ConfigError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
-        self.cores = available_cores() if cores is None else cores
+        busy = busy_cores() if cores is None else 0.0
+        self.available = available_cores() if cores is None else cores
+        self.cores = free_cores(self.available, busy)
         layout_workers, layout_threads = default_layout(self.cores)
         if num_workers is None and threads is None:
             num_workers, threads = layout_workers, layout_threads
@@ -315,7 +357,8 @@ class ProcessExecutor:
         self.task_timeout = task_timeout
         self.start_method = start_method
         self.startup_timeout = startup_timeout
-        self.oversubscribed = check_oversubscription(num_workers, threads, self.cores, "worker processes")
+        self.oversubscribed = check_oversubscription(num_workers, threads, self.available, "worker processes",
+                                                     busy)
         self._ctx = multiprocessing.get_context(start_method)
         self._workers: list[_Worker] = []
         self._payload_of: tuple[Any, Any] | None = None

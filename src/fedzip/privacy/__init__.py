@@ -6,6 +6,15 @@ SecAgg+ over the ``cryptography`` package)."""
 
 from typing import Any
 
+from fedzip.privacy.ddp import (
+    DDPParameters,
+    DistributedDiscreteGaussian,
+    DistributedSkellam,
+    ddp_codec,
+    ddp_epsilon,
+    ddp_parameters,
+    distributed_dp,
+)
 from fedzip.privacy.samplers import (
     bernoulli_exp,
     discrete_gaussian,
@@ -31,5 +40,6 @@ __all__ = [
     "bernoulli_exp", "discrete_gaussian", "discrete_gaussian_array", "discrete_laplace",
     "discrete_laplace_array", "dp_event", "effective_noise_multiplier", "epsilon",
     "noise_for_epsilon", "skellam_array", "SecAggClient", "SecAggConfig", "SecureSum", "mask_update",
-    "secure_mean",
+    "secure_mean", "DDPParameters", "DistributedDiscreteGaussian", "DistributedSkellam", "ddp_codec",
+    "ddp_epsilon", "ddp_parameters", "distributed_dp",
 ]

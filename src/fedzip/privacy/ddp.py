@@ -91,7 +91,9 @@ written here; the continuous Gaussian through the same bound is
 ``mechanism="gaussian"``, for comparison. Central DP's
 :func:`fedzip.privacy.accounting.epsilon` uses Gaussian-specific bounds
 (Mironov et al. 2019 for Poisson; WBK19 Theorem 27 for fixed cohorts), which
-are slightly tighter than these general ones.
+are slightly tighter than these general ones. Orders are the integers 2..128
+and 256 (the sampling bounds need integers): where the best order is below 2
+(ε in the hundreds) dp_accounting's fractional orders give the Gaussian less.
 
 Several tensors: each is rotated and rounded on its own, with ``c_t`` its own
 norm (``Σ c_t² <= C²``), so the model's ``||z̃||² <= Σ_t Δ₂(c_t)²`` and
