@@ -36,9 +36,26 @@ small CNN by default (conv 8 + conv 16 + linear, 11,274 parameters);
 ``--model cnn`` uses the seed's FedAvg CNN (1,663,370 parameters), much slower
 at 1,000 clients.
 
+Backends: ``local`` (in process), ``processes`` (``ProcessExecutor``,
+``--workers`` x ``--threads``) and ``ray``. The interleaved comparison also
+runs the processes backend in each ``--layouts`` (default ``CORESx1,1xCORES``:
+processes of one thread against one process of several).
+
+``--real``: memory on the real data: UNIPEN digits (``load_dataset("unipen-digits")``,
+284 writers) and the seed CNN, 10 clients a round, evaluation every
+``--eval-every`` (20) rounds, run by ``fedzip.run.run`` with its writers
+(metrics.jsonl, TensorBoard), one fresh process per length in
+``--real-rounds`` (30,200,1000). It reports the peak resident memory (driver,
+and the workers summed on the processes backend), the resident memory after
+each round as a trend (least-squares slope after the first 50 rounds, and
+the mean of each tenth of the run) and the ratio of the peaks of the longest
+runs to the 30-round one. Goals: peak(200) <= 1.1 x peak(30); the trend
+flat: |slope| <= 16 KiB/round (16 MiB per 1,000 rounds).
+
     python benchmarks/scale.py [--quick] [--rounds 20] [--clients 10,100,1000]
-                               [--backends local,ray] [--workers 2] [--model small|cnn]
+                               [--backends local,processes,ray] [--workers 2] [--model small|cnn]
     python benchmarks/scale.py --profile 1000 --backends local   # cProfile of the driver
+    python benchmarks/scale.py --real [--real-rounds 30,200,1000] [--real-backend local|processes]
 """
 
 from __future__ import annotations
@@ -64,10 +81,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # so Ray workers unpic
 
 import fedzip  # noqa: E402
 from fedzip.data.federated import ClientExamples  # noqa: E402
-from fedzip.execution import LocalExecutor, RayExecutor  # noqa: E402
+from fedzip.execution import LocalExecutor, ProcessExecutor, RayExecutor, available_cores  # noqa: E402
 from fedzip.seeding import derive_seed, numpy_rng  # noqa: E402
 
-GOALS = {"peak_ratio": 1.5, "slope_kib": 64.0, "framework_ms": 5.0, "ray_vs_local": 1.15}
+GOALS = {"peak_ratio": 1.5, "slope_kib": 64.0, "framework_ms": 5.0, "ray_vs_local": 1.15,
+         "real_peak_ratio": 1.1, "real_slope_kib": 16.0}
 
 
 class SmallCNN(nn.Module):
@@ -214,6 +232,8 @@ def child(args) -> dict:
     data = SyntheticClients(max(10_000, args.cohort), args.examples)
     if args.backend == "local":
         executor = LocalExecutor(threads=args.local_threads)
+    elif args.backend == "processes":
+        executor = ProcessExecutor(num_workers=args.workers, threads=args.threads)
     else:
         executor = RayExecutor(num_workers=args.workers, threads=args.threads)
     fa = algorithm(args, executor)
@@ -235,7 +255,7 @@ def child(args) -> dict:
             state, m = fa.next(state, data, ids)
             times.append(time.perf_counter() - t0)
             assert m["clients/succeeded"] == args.cohort, m.get("failures")
-            if r == 1 and isinstance(executor, RayExecutor):
+            if r == 1 and isinstance(executor, (RayExecutor, ProcessExecutor)):
                 sampler.workers = executor.worker_pids()
             gc.collect()
             driver_mem.append(memory(os.getpid()))
@@ -282,8 +302,15 @@ def interleaved(args) -> dict:
     contenders = {  # name: (executor, the driver's torch threads)
         f"local (threads={lt or 'default'})": (LocalExecutor(threads=lt), lt),
         f"local (threads={'default' if lt else 1})": (LocalExecutor(threads=None if lt else 1), None if lt else 1),
-        "ray": (RayExecutor(num_workers=args.workers, threads=args.threads), lt),
     }
+    import warnings
+
+    for w, t in parse_layouts(args.layouts):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a layout past the cores is measured, not refused
+            contenders[f"processes {w}x{t}"] = (ProcessExecutor(num_workers=w, threads=t), lt)
+    if args.ray_in_compare:
+        contenders["ray"] = (RayExecutor(num_workers=args.workers, threads=args.threads), lt)
     algs = {k: algorithm(args, ex) for k, (ex, _) in contenders.items()}
     states = {k: a.init() for k, a in algs.items()}
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -303,6 +330,122 @@ def interleaved(args) -> dict:
 
 
 # --------------------------------------------------------------------------
+# --real: memory over long runs on the real data
+# --------------------------------------------------------------------------
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        w, _, t = part.partition("x")
+        out.append((int(w), int(t)))
+    return out
+
+
+def real_child(args) -> dict:
+    """One run of ``args.rounds`` rounds on UNIPEN digits with the seed CNN,
+    through ``fedzip.run.run`` (writers included); memory after every round."""
+    import tempfile
+
+    from fedzip.config import RunConfig
+    from fedzip.run import run
+
+    cfg = RunConfig(dataset="unipen-digits", rounds=args.rounds, clients_per_round=args.real_cohort,
+                    eval_every=args.eval_every, backend=args.real_backend,
+                    num_workers=args.workers, threads=args.threads, name="scale")
+    sampler = Sampler()
+    after: list[tuple[int, int, int, int]] = []  # (round, driver RSS, driver private, workers RSS)
+    times: list[float] = []
+    executor_pids: list[int] = []
+
+    def on_round(state, m) -> None:
+        if not sampler.workers and args.real_backend == "processes":
+            # the workers: this process's children (the executor is the run's own)
+            try:
+                with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+                for pid in kids:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"spawn_main" in f.read():  # a worker, not multiprocessing's helpers
+                            executor_pids.append(pid)
+            except OSError:
+                pass
+            sampler.workers = list(executor_pids)
+        d = memory(os.getpid())
+        after.append((m["round"], d[0], d[1], total(sampler.workers)[0]))
+        times.append(m["time/round_s"])
+
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedzip-scale-") as logdir:
+            run(cfg, logdir=logdir, console=False, on_round=on_round)
+    finally:
+        sampler.stop()
+    hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return {"rounds": args.rounds, "backend": args.real_backend, "wall_s": time.perf_counter() - t0,
+            "s_round": statistics.median(times[1:] or times), "hwm_mib": hwm / 2**20,
+            "driver_peak_mib": sampler.driver_peak[0] / 2**20,
+            "driver_private_mib": sampler.driver_peak[1] / 2**20,
+            "workers_peak_mib": sampler.workers_peak[0] / 2**20, "after": after}
+
+
+def real_main(args) -> None:
+    lengths = [int(r) for r in args.real_rounds.split(",")]
+    print(f"real data: unipen-digits, seed CNN (1,663,370 parameters), {args.real_cohort} clients/round, "
+          f"eval every {args.eval_every} rounds, backend {args.real_backend}"
+          + (f" ({args.workers} workers x {args.threads or 'auto'} threads)" if args.real_backend == "processes"
+             else "") + f"; torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+          f"load average at start {os.getloadavg()[0]:.1f}; MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX')}")
+    header = (f"{'rounds':>6} {'s/round':>8} {'wall s':>7} {'driver peak MiB':>16} {'private':>8} {'VmHWM':>7} "
+              f"{'workers peak':>12} {'RSS after round 1 / 50 / last':>30} {'slope KiB/round':>16}")
+    print(header)
+    print("-" * len(header))
+    rows = {}
+    for n in lengths:
+        cmd = [sys.executable, __file__, "--child", "real", "--rounds", str(n), "--eval-every", str(args.eval_every),
+               "--real-backend", args.real_backend, "--real-cohort", str(args.real_cohort),
+               "--workers", str(args.workers)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr[-4000:])
+            raise SystemExit(f"the {n}-round run failed")
+        r = rows[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        rss = [a[1] / 2**20 for a in r["after"]]
+        warm = rss[50:] if len(rss) > 100 else rss[len(rss) // 2:]
+        r["slope_kib"] = slope([x * 1024 for x in warm])
+        mid = rss[min(49, len(rss) - 1)]
+        wp = f"{r['workers_peak_mib']:.0f}" if args.real_backend == "processes" else "-"
+        print(f"{n:6d} {r['s_round']:8.3f} {r['wall_s']:7.0f} {r['driver_peak_mib']:16.0f} "
+              f"{r['driver_private_mib']:8.0f} {r['hwm_mib']:7.0f} {wp:>12} "
+              f"{f'{rss[0]:.0f} / {mid:.0f} / {rss[-1]:.0f}':>30} {r['slope_kib']:16.1f}", flush=True)
+    longest = max(lengths)
+    rss = [a[1] / 2**20 for a in rows[longest]["after"]]
+    tenth = max(1, len(rss) // 10)
+    print(f"\nRSS after each round of the {longest}-round run, mean of each tenth of the run (MiB): "
+          + ", ".join(f"{statistics.mean(rss[i:i + tenth]):.0f}" for i in range(0, len(rss), tenth)))
+    print("\ngoals:")
+    base = min(lengths)
+    for n in lengths:
+        if n == base:
+            continue
+        key = "driver_peak_mib"
+        ratio = (rows[n][key] + rows[n]["workers_peak_mib"]) / (rows[base][key] + rows[base]["workers_peak_mib"])
+        goal = GOALS["real_peak_ratio"]
+        print(f"  peak RSS {n} rounds / {base} rounds = {ratio:.3f} (goal <= {goal} for 200 rounds)"
+              + (verdict(ratio <= goal) if n <= 200 else "  (information)"))
+    sl = rows[longest]["slope_kib"]
+    print(f"  RSS trend over rounds 51..{longest}: {sl:.1f} KiB/round ({sl * 1000 / 1024:.1f} MiB per 1,000 "
+          f"rounds; goal |slope| <= {GOALS['real_slope_kib']:.0f} KiB/round)" + verdict(abs(sl) <= GOALS["real_slope_kib"]))
+
+
+# --------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------
 
@@ -313,7 +456,9 @@ def run_child(args, backend: str, cohort: int) -> dict:
            "--workers", str(args.workers), "--model", args.model]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
-    cmd += ["--local-threads", str(args.local_threads or 0)]
+    cmd += ["--local-threads", str(args.local_threads or 0), "--layouts", args.layouts]
+    if args.ray_in_compare:
+        cmd += ["--ray-in-compare"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
@@ -334,7 +479,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=16)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="per Ray worker (default cpus // workers)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="per Ray or processes worker (default cpus // workers)")
     p.add_argument("--local-threads", type=int, default=1,
                    help="local backend's torch threads (default 1; 0: torch's default)")
     p.add_argument("--model", choices=("small", "cnn"), default="small")
@@ -342,12 +488,29 @@ def main() -> None:
                    help="cohort of the interleaved ray-vs-local timing (0: skip)")
     p.add_argument("--profile", type=int, default=0, metavar="CLIENTS",
                    help="cProfile the driver of the first --backends at this cohort and exit")
+    p.add_argument("--layouts", default=None, metavar="WxT,...",
+                   help="processes-backend layouts in the interleaved comparison (default CORESx1,1xCORES)")
+    p.add_argument("--real", action="store_true", help="memory over long runs on UNIPEN digits, seed CNN")
+    p.add_argument("--real-rounds", default="30,200,1000")
+    p.add_argument("--real-backend", choices=("local", "processes"), default="local")
+    p.add_argument("--real-cohort", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--ray-in-compare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cohort", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.rounds = args.rounds or (6 if args.quick else 20)
     args.local_threads = args.local_threads or None
+    if args.layouts is None:
+        cores = available_cores()
+        args.layouts = f"{cores}x1,1x{cores}"
 
+    if args.child == "real":
+        print(json.dumps(real_child(args)))
+        return
+    if args.real:
+        real_main(args)
+        return
     if args.child == "interleaved":
         print(json.dumps(interleaved(args)))
         return
@@ -375,7 +538,7 @@ def main() -> None:
     for backend in backends:
         for cohort in cohorts:
             r = rows[backend, cohort] = run_child(args, backend, cohort)
-            ray_ = backend == "ray"
+            ray_ = backend in ("ray", "processes")  # has workers
             dp = f"{r['driver_peak_mib']:.0f} ({r['driver_private_mib']:.0f})"
             wp = f"{r['workers_peak_mib']:.0f} ({r['workers_private_mib']:.0f})" if ray_ else "-"
             sl = f"{r['private_slope_kib']:.0f}" + (f" / {r['workers_private_slope_kib']:.0f}" if ray_ else "")
@@ -385,11 +548,12 @@ def main() -> None:
                   flush=True)
     print("(slope: least squares over the second half of the rounds, of private memory; of resident "
           "memory: " + ", ".join(f"{b} {c}: {r['slope_kib']:.0f}"
-                                 + (f"/{r['workers_slope_kib']:.0f}" if b == "ray" else "")
+                                 + (f"/{r['workers_slope_kib']:.0f}" if b in ("ray", "processes") else "")
                                  for (b, c), r in rows.items()) + " KiB/round)")
 
     cmp = None
-    if args.compare_at and set(backends) >= {"local", "ray"}:
+    args.ray_in_compare = "ray" in backends
+    if args.compare_at and "local" in backends and ({"ray", "processes"} & set(backends)):
         cmp = run_child(args, "interleaved", args.compare_at)
         print(f"\ninterleaved, {args.compare_at} clients/round, median s/round: "
               + ", ".join(f"{k} {v:.3f}" for k, v in cmp.items()))
@@ -400,14 +564,14 @@ def main() -> None:
         if (backend, lo) in rows and (backend, hi) in rows and lo != hi:
             a, b = rows[backend, lo], rows[backend, hi]
             keys = ["driver_peak_mib", "driver_private_mib"]
-            if backend == "ray":
+            if backend in ("ray", "processes"):
                 keys += ["workers_peak_mib", "workers_private_mib"]
             ratios = {k: b[k] / a[k] for k in keys}
             print(f"  {backend}: peak memory at {hi} / at {lo} clients: "
                   + ", ".join(f"{k.replace('_mib', '').replace('_', ' ')} {v:.2f}" for k, v in ratios.items())
                   + f" (goal <= {GOALS['peak_ratio']})" + verdict(max(ratios.values()) <= GOALS["peak_ratio"]))
     for backend in backends:
-        keys = ("private_slope_kib", "workers_private_slope_kib") if backend == "ray" else ("private_slope_kib",)
+        keys = ("private_slope_kib", "workers_private_slope_kib") if backend in ("ray", "processes") else ("private_slope_kib",)
         slopes = [(abs(r[k]), r[k], c, k) for (b, c), r in rows.items() if b == backend for k in keys]
         if slopes:
             _, worst, c, k = max(slopes)
@@ -424,10 +588,18 @@ def main() -> None:
     if cmp:
         local_keys = [k for k in cmp if k.startswith("local")]
         best = min(local_keys, key=cmp.get)
-        ratio = cmp["ray"] / cmp[best]
-        others = "; ".join(f"against {k}: {cmp['ray'] / cmp[k]:.2f}" for k in local_keys if k != best)
-        print(f"  ray ({args.workers} workers) / the faster local, {best}, at {args.compare_at} clients = "
-              f"{ratio:.2f} (goal <= {GOALS['ray_vs_local']}; {others})" + verdict(ratio <= GOALS["ray_vs_local"]))
+        if "ray" in cmp:
+            ratio = cmp["ray"] / cmp[best]
+            others = "; ".join(f"against {k}: {cmp['ray'] / cmp[k]:.2f}" for k in local_keys if k != best)
+            print(f"  ray ({args.workers} workers) / the faster local, {best}, at {args.compare_at} clients = "
+                  f"{ratio:.2f} (goal <= {GOALS['ray_vs_local']}; {others})"
+                  + verdict(ratio <= GOALS["ray_vs_local"]))
+        procs = [k for k in cmp if k.startswith("processes")]
+        if procs:
+            fastest = min(procs, key=cmp.get)
+            print(f"  processes layouts at {args.compare_at} clients: "
+                  + ", ".join(f"{k} {cmp[k]:.3f} s" for k in procs)
+                  + f"; the faster: {fastest} ({cmp[fastest] / cmp[best]:.2f} x {best})")
 
 
 if __name__ == "__main__":

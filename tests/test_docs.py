@@ -75,6 +75,7 @@ def test_strict_mode_fails_on_broken_references(tmp_path):
     config = load_config()
     handler = config["plugins"][-1]["mkdocstrings"]["handlers"]["python"]
     handler["paths"] = [str(ROOT / "src")]
+    handler["options"]["extensions"] = [str(ROOT / e) for e in handler["options"]["extensions"]]
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "index.md").write_text(

@@ -122,9 +122,17 @@ def test_processes_and_ray_runs_are_bit_identical(executor):
     _same(procs, on_ray)
 
 
-def test_run_with_backend_processes_end_to_end():
+TIME_SPLIT = ("time/round_s", "time/per_client_s", "time/client_data_s", "time/client_decode_s",
+              "time/client_train_s", "time/client_encode_s", "time/broadcast_encode_s", "time/client_wait_s",
+              "time/server_fold_s", "time/server_update_s")
+
+
+def test_run_with_backend_processes_end_to_end(tmp_path):
     """``fedzip run --backend processes``: the config's executor runs the rounds,
-    the same bits as in process with the same threads, and is closed at the end."""
+    the same bits as in process with the same threads, and is closed at the end.
+    Every round's wall time and its split are in the metrics and in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from fedzip.run import run
 
     info = SimpleNamespace(name="fake", description="fake clients", num_classes=10, pixels="28x28")
@@ -132,11 +140,18 @@ def test_run_with_backend_processes_end_to_end():
     cfg = RunConfig(rounds=2, clients_per_round=3, batch_size=5, backend="processes", num_workers=2, threads=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OversubscriptionWarning)
-        res = run(cfg, data=data, console=False)
+        res = run(cfg, logdir=tmp_path, data=data, console=False)
     local = run(cfg.replace(backend="local"), data=data, console=False)
     assert deterministic(res.history) == deterministic(local.history)
     assert all(torch.equal(res.state.params[k], local.state.params[k]) for k in local.state.params)
-    assert all(m["time/round_s"] > 0 for m in res.history)
+    for m in res.history:
+        assert all(m[k] >= 0 for k in TIME_SPLIT) and m["time/round_s"] > 0
+    assert "time/eval_s" in res.history[-1]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    for key in (*TIME_SPLIT, "time/eval_s"):
+        assert key in events.Tags()["scalars"], key
+    assert [e.step for e in events.Scalars("time/round_s")] == [1, 2]
 
 
 # --------------------------------------------------------------------------

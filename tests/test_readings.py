@@ -211,6 +211,19 @@ def test_sub_updates_map_back_and_average_per_coordinate_over_the_clients_that_h
         assert torch.equal(s1.params["0.weight"][u], s0.params["0.weight"][u])
 
 
+def test_keeping_every_unit_is_fedavg():
+    data = TensorClients(n_clients=3, per_client=6)
+    fa = fedzip.weighted_fedavg(fedzip.fedavg_cnn, SGD, SERVER, seed=1)
+    fd = federated_dropout(fedzip.fedavg_cnn, SGD, SERVER, keep=1.0, seed=1)
+    sa, sd = fa.init(), fd.init()
+    for _ in range(2):
+        sa, ma = fa.next(sa, data, data.client_ids)
+        sd, md = fd.next(sd, data, data.client_ids)
+    assert md["broadcasted_bits/tensors"] == ma["broadcasted_bits/tensors"]
+    for k in sa.params:  # the mean per coordinate over everyone is the mean, up to rounding
+        torch.testing.assert_close(sd.params[k], sa.params[k], rtol=0, atol=1e-7)
+
+
 def _cnn_sub_numel(c: int, k1: int, k2: int, h: int) -> int:
     """FedAvgCNN's tensors with k1, k2 filters and h fc1 units, c classes (by hand)."""
     return (k1 * 25 + k1) + (k2 * k1 * 25 + k2) + (h * k2 * 49 + h) + (c * h + c)

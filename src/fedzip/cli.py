@@ -1,6 +1,8 @@
-"""Command line: ``fedzip tutorial`` (the seed experiment, both runs) and
+"""Command line: ``fedzip tutorial`` (the seed experiment, both runs),
 ``fedzip run`` (one run from flags or a config file; ``--resume DIR`` goes on
-from DIR's last good checkpoint). Bad input ends in one line,
+from DIR's last good checkpoint), ``fedzip sweep FILE`` (a grid of runs with
+seeds, a results table and error bars), ``fedzip compare DIR...`` (runs side
+by side) and ``fedzip codecs`` (every codec, its arguments and paper). Bad input ends in one line,
 ``fedzip: error: ...``, and exit status 2, before any training starts."""
 
 from __future__ import annotations
@@ -144,9 +146,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config)
     if args.set:
         sweep = sweep.with_base(args.set)
-    result = run_sweep(sweep, args.logdir, jobs=args.jobs, backend=args.backend, threads=args.threads,
-                       ray_address=args.ray_address, dry_run=args.dry_run, metric=args.metric,
-                       confidence=args.confidence)
+    try:
+        result = run_sweep(sweep, args.logdir, jobs=args.jobs, backend=args.backend, threads=args.threads,
+                           ray_address=args.ray_address, dry_run=args.dry_run, metric=args.metric,
+                           confidence=args.confidence)
+    except KeyboardInterrupt:
+        print("fedzip: sweep interrupted: run the same command again to resume it", file=sys.stderr)
+        return 130
     if result.failed:
         print(f"fedzip: error: {len(result.failed)} of {len(result.runs)} runs failed "
               f"({', '.join(result.failed[:3])}{', ...' if len(result.failed) > 3 else ''}); "

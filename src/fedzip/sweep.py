@@ -648,7 +648,7 @@ def _tail(path: Path, n: int = 4) -> str:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return "    (no log)"
-    return "\n".join("    " + line for line in lines[-n:])
+    return "\n".join("    " + line for line in lines[-n:]) or "    (the log is empty)"
 
 
 def run_sweep(
