@@ -23,7 +23,9 @@ torch threads, as the references; and, with ``--layouts``, on the processes
 backend (``ProcessExecutor``: workers x threads per worker). Goals: fedzip
 mean <= 1.02 x floor, compression <= 1.08 x floor, mean <= 0.85 x naive
 (in process, the references' threads). The ratios are of the medians, and in
-parentheses the median of the per-round ratios (paired rounds).
+parentheses the median of the per-round ratios (paired rounds) and the ratio
+of CPU seconds per round (this process and its worker processes: on cores
+that other processes share, wall time also counts the waits for a core).
 
 Where the time goes: the median per round of fedzip's ``time/...`` metrics
 (client figures summed over the clients: on several processes their sum
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import statistics
 import tempfile
 import time
@@ -171,6 +174,19 @@ SPLIT = (  # (label, metric key)
 )
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of other processes so far (Linux ``/proc``; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK") if pids else 0.0
+
+
 def parse_layouts(text: str) -> list[tuple[int, int]]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -237,14 +253,19 @@ def main() -> None:
 
     names = list(contenders)
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, list[float]] = {k: [] for k in contenders}
+    pids = {name: ex for (name, _, ex) in fedzip_setups if ex is not None}
     try:
         for r in range(args.rounds + 1):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate: no contender always first
             for name in order:
+                workers = pids[name].worker_pids() if name in pids else []
+                c0 = time.process_time() + cpu_seconds(workers)
                 t0 = time.perf_counter()
                 contenders[name]()
                 if r > 0:  # round 0 is the warm-up (and starts the worker processes)
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() + cpu_seconds(workers) - c0)
     finally:
         for ex in executors:
             ex.close()
@@ -254,13 +275,17 @@ def main() -> None:
     print(f"seed workload: 10 clients, {n_examples} examples, batch 20, 1 epoch, FedAvg CNN; "
           f"{args.threads} torch threads in process, {cores} cores; median of {args.rounds} rounds after a "
           f"warm-up, interleaved")
-    print(f"{'contender':34s} {'median s/round':>15s} {'min':>8s} {'max':>8s}")
+    print(f"{'contender':34s} {'median s/round':>15s} {'min':>8s} {'max':>8s} {'CPU s/round':>12s}")
     for name, ts in times.items():
-        print(f"{name:34s} {statistics.median(ts):15.3f} {min(ts):8.3f} {max(ts):8.3f}")
+        print(f"{name:34s} {statistics.median(ts):15.3f} {min(ts):8.3f} {max(ts):8.3f} "
+              f"{statistics.median(cpu[name]):12.3f}")
+    print("(CPU s: this process's CPU time and, on the processes backend, its workers'; on shared cores "
+          "it leaves out the time spent waiting for a core)")
 
-    def ratio(a: str, b: str) -> tuple[float, float]:
+    def ratio(a: str, b: str) -> tuple[float, float, float]:
         paired = [x / y for x, y in zip(times[a], times[b], strict=True)]
-        return statistics.median(times[a]) / statistics.median(times[b]), statistics.median(paired)
+        return (statistics.median(times[a]) / statistics.median(times[b]), statistics.median(paired),
+                statistics.median(cpu[a]) / statistics.median(cpu[b]))
 
     print()
     floor_name, naive_name = "floor (fastest loop)", "naive PyTorch loop"
@@ -268,9 +293,9 @@ def main() -> None:
              ("fedzip mean", naive_name, 0.85), ("fedzip compression", naive_name, None)]
     goals += [(f"fedzip mean, processes {w}x{t}", ref, None) for w, t in layouts for ref in (floor_name,)]
     for a, b, goal in goals:
-        r_med, r_pair = ratio(a, b)
+        r_med, r_pair, r_cpu = ratio(a, b)
         verdict = "no goal" if goal is None else f"goal <= {goal:.2f}: {'met' if r_med <= goal else 'MISSED'}"
-        print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}; {verdict})")
+        print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}, CPU time {r_cpu:.3f}; {verdict})")
 
     print("\nwhere the time goes, median s/round (client figures summed over the clients):")
     cols = list(splits)

@@ -83,7 +83,7 @@ def _fails(argv, capsys, match, code=2):
     (["run", "--min-clients", "0"], "min_clients must be >= 1"),
     (["run", "--checkpoint-every", "-2"], "checkpoint_every must be >= 0"),
     (["run", "--client-optimizer", "adamw"], r"client_optimizer 'adamw' unknown; choose from \['adagrad', 'adam', 'sgd'\]"),
-    (["run", "--backend", "spark"], "backend must be 'local' or 'ray', got 'spark'"),
+    (["run", "--backend", "spark"], "backend must be 'local', 'processes' or 'ray', got 'spark'"),
     (["run", "--device", "gpu0"], "device 'gpu0' is not a torch device"),
     (["run", "--threads", "0"], "threads must be >= 1"),
     (["run", "--aggregator", "meen"], "aggregator 'meen' unknown"),

@@ -54,7 +54,7 @@ def test_notebook_executes_top_to_bottom(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     work = tmp_path / "work"
     work.mkdir()
-    client = NotebookClient(nb, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(work)}})
+    client = NotebookClient(nb, timeout=300, startup_timeout=180, kernel_name=KERNEL, resources={"metadata": {"path": str(work)}})
     client.execute()  # a cell that raises fails here with its traceback (CellExecutionError)
 
     text = "\n".join(

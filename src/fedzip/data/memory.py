@@ -36,11 +36,17 @@ class NpzMember:
     first client read pays for the whole array once (and the process shares it
     between objects reading the same file). Pickles without the array (a Ray
     worker reloads it from ``path``), which keeps shipped payloads small.
+
+    ``rows``: keep only these rows (in this order) of the array: the whole
+    array is read once, the rows copied out and the rest freed (UNIPEN's
+    digits are 16 k of its 105 k images: 12 MB resident instead of 82 MB, in
+    every process that reads clients).
     """
 
-    def __init__(self, path: str | os.PathLike[str], key: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], key: str, rows: np.ndarray | None = None) -> None:
         self.path = Path(path)
         self.key = key
+        self.rows = None if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
         self._value: np.ndarray | None = None
 
     def get(self) -> np.ndarray:
@@ -49,17 +55,41 @@ class NpzMember:
                 stat = self.path.stat()
             except OSError as e:
                 raise DataError(f"{self.path}: cannot read {self.key!r}: {e}") from None
-            self._value = _load_member(str(self.path), self.key, stat.st_size, stat.st_mtime_ns)
+            if self.rows is None:
+                self._value = _load_member(str(self.path), self.key, stat.st_size, stat.st_mtime_ns)
+            else:
+                self._value = _load_rows(str(self.path), self.key, stat.st_size, stat.st_mtime_ns,
+                                         self.rows.tobytes())
         return self._value
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "key": self.key, "_value": None}
+        return {"path": self.path, "key": self.key, "rows": self.rows, "_value": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"rows": None, **state})
 
 
 @functools.lru_cache(maxsize=2)
 def _load_member(path: str, key: str, size: int, mtime_ns: int) -> np.ndarray:
     """Shared per process and file version, so loading train, test and a second
     split of the same npz decompresses it once. Read-only, since it is shared."""
+    value = _read_member(path, key)
+    value.setflags(write=False)
+    return value
+
+
+@functools.lru_cache(maxsize=2)
+def _load_rows(path: str, key: str, size: int, mtime_ns: int, rows: bytes) -> np.ndarray:
+    """Some rows of a member, shared like :func:`_load_member`; the whole array
+    is not kept."""
+    full = _read_member(path, key)
+    value = np.ascontiguousarray(full[np.frombuffer(rows, dtype=np.int64)])
+    del full
+    value.setflags(write=False)
+    return value
+
+
+def _read_member(path: str, key: str) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as npz:
             if key not in npz.files:

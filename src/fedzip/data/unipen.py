@@ -118,7 +118,18 @@ def _load_npz(
         f"writer); each writer's examples split {1 - test_fraction:.0%}/{test_fraction:.0%} "
         f"train/test (seed {seed})"
     )
-    pixels = NpzMember(path, "pixels")  # shared, so train and test load it once
+    if only_digits:
+        # only the rows the clients use (16 k of 105 k images), renumbered in the
+        # same order: the same examples in the same order, a seventh of the memory
+        rows = np.sort(np.concatenate([*train.values(), *test.values()]))
+        position = np.full(labels.size, -1, dtype=np.int64)
+        position[rows] = np.arange(rows.size)
+        train = {wid: position[idx] for wid, idx in train.items()}
+        test = {wid: position[idx] for wid, idx in test.items()}
+        labels = labels[rows]
+        pixels = NpzMember(path, "pixels", rows=rows)  # shared, so train and test load it once
+    else:
+        pixels = NpzMember(path, "pixels")  # shared, so train and test load it once
     num_classes = 10 if only_digits else 62
     return (ArrayClientData(pixels, labels, train, num_classes, description, path),
             ArrayClientData(pixels, labels, test, num_classes, description, path))
