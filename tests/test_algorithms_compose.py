@@ -68,9 +68,9 @@ def test_every_algorithm_composes_with_aggregators_codecs_and_downlink_compressi
 @pytest.mark.slow
 def test_algorithms_with_state_are_bit_identical_on_ray():
     pytest.importorskip("ray")
-    from fedzip.execution import LocalExecutor, RayExecutor
-
     import os
+
+    from fedzip.execution import LocalExecutor, RayExecutor
 
     data = TensorClients(4, 10, seed=2)
     # the workers import tests/fakes.py and this module by name
