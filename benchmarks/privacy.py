@@ -308,14 +308,15 @@ def print_table(results: list[dict], seeds: list[int]) -> dict[str, dict]:
         n = len(rs)
         mean = {k: sum(r[k] for r in rs) / n for k in ("final", "last3", "bits_per_coord", "s_per_round",
                                                        "expected_wrapped_per_round")}
-        row = {**rs[0], **mean, "n": n}
+        row = {**rs[0], **mean, "n": n, "by_seed": {r["seed"]: r["last3"] for r in rs}}
         vs = (100 * (mean["last3"] - sum(b["last3"] for b in base) / len(base))) if base else float("nan")
         rows[label] = row
+        per_seed = "  " + " ".join(f"s{k}:{v:.4f}" for k, v in sorted(row["by_seed"].items())) if n > 1 else ""
         print(f"{label:22s} {n:2d} {mean['final']:9.4f} {mean['last3']:7.4f} {vs:+7.2f}p "
               f"{_num(row.get('epsilon'), '7.2f'):>7s} {_num(row.get('epsilon_general'), '8.2f'):>8s} "
               f"{_num(row.get('z'), '7.3f'):>7s} {_num(row.get('gamma'), '9.1f'):>9s} "
               f"{mean['bits_per_coord']:10.2f} {mean['expected_wrapped_per_round']:8.2f} "
-              f"{mean['s_per_round']:7.2f}")
+              f"{mean['s_per_round']:7.2f}{per_seed}")
     return rows
 
 
@@ -353,9 +354,12 @@ def goal(rows: dict[str, dict], args) -> None:
         ok = r["setting"]["bits"] <= GOAL_BITS and gap >= -GOAL_POINTS
         if ok:
             met.append(label)
+        shared = sorted(set(r["by_seed"]) & set(ref["by_seed"]))
+        paired = ("  paired by seed: " + " ".join(
+            f"s{k}:{100 * (r['by_seed'][k] - ref['by_seed'][k]):+.2f}" for k in shared)) if len(shared) > 1 else ""
         print(f"  {label:10s} {gap:+6.2f} pt  accuracy ratio {r['last3'] / ref['last3']:.3f}  "
               f"uplink {ref['bits_per_coord'] / r['bits_per_coord']:.2f}x fewer bits  "
-              f"{'(meets the goal)' if ok else ''}")
+              f"{'(meets the goal)' if ok else ''}{paired}")
     one_seed = all(r["n"] == 1 for r in rows.values())
     print(f"  -> {'met by ' + ', '.join(met) if met else 'not met'}"
           + (" (one seed: differences under about 2 points are within run-to-run noise)" if one_seed else ""))

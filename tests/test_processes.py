@@ -310,8 +310,10 @@ def test_the_default_layout_fits_the_cores_and_does_not_warn(cores):
     ex, caught = _warnings_of(lambda: ProcessExecutor(cores=cores))
     assert (ex.num_workers, ex.threads) == default_layout(cores)
     assert 1 <= ex.num_workers * ex.threads <= cores and not caught
-    ex, caught = _warnings_of(lambda: ProcessExecutor(num_workers=2, cores=cores))  # threads fill the cores
-    assert ex.threads == max(1, cores // 2) and bool(caught) == (cores < 2)
+    ex, caught = _warnings_of(lambda: ProcessExecutor(num_workers=2, cores=cores))  # 1 thread each
+    assert ex.threads == 1 and bool(caught) == (cores < 2)
+    ex, caught = _warnings_of(lambda: ProcessExecutor(threads=2, cores=cores))  # workers fill the cores
+    assert ex.num_workers == max(1, cores // 2) and bool(caught) == (cores < 2)
 
 
 @pytest.mark.parametrize(("workers", "threads", "cores", "warns"), [
@@ -357,3 +359,23 @@ def test_make_executor_builds_the_processes_backend_and_warns_for_any_backend(mo
 
 def test_available_and_free_cores_are_at_least_one_and_at_most_the_machine():
     assert 1 <= free_cores() <= available_cores() <= (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------
+# Memory between rounds
+# --------------------------------------------------------------------------
+
+
+def test_round_trim_gives_memory_back_only_when_a_round_left_more_than_the_slack():
+    from fedzip.allocator import RoundTrim
+
+    readings = iter([500, 400,  # first round: trims, 400 after
+                     430,  # within 400 + 50: nothing
+                     460, 410,  # past it: trims, 410 after
+                     455])  # within 410 + 50: nothing
+    calls = []
+    trim = RoundTrim(slack=50, rss=lambda: next(readings), trim=calls.append)
+    assert [trim() for _ in range(4)] == [True, False, True, False]
+    assert calls == [0, 0] and trim.trims == 2
+    assert RoundTrim(trim=False)() is False  # no allocator to trim: nothing
+    assert isinstance(RoundTrim()(), bool)  # the real one, whatever the platform

@@ -35,6 +35,7 @@ import torch
 
 from fedzip import checkpoint
 from fedzip.algorithms import FederatedAlgorithm, ServerState
+from fedzip.allocator import RoundTrim
 from fedzip.config import (
     RunConfig,
     build_aggregator,
@@ -212,6 +213,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
     if resumed is not None:
         checkpoint.restore_rng(resumed.rng)
     try:
+        trim = RoundTrim()
         for r in range(state.round + 1, config.rounds + 1):
             _test_hook("round-start", r)
             ids = sample_clients(train.client_ids, config.clients_per_round, r, config.seed)
@@ -234,6 +236,7 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
                 checkpoint.save(checkpoint.checkpoint_dir(logdir), state, cumulative=cumulative,
                                 config=config.to_dict(), versions=run_versions)
                 _test_hook("checkpoint", r)
+            trim()  # what the round freed back to the system: RSS after a round stays flat
             if on_round is not None:
                 on_round(state, metrics)
     finally:

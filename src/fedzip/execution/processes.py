@@ -196,6 +196,9 @@ def _worker_main(conn: Any, threads: int) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # once per process, before any parallel work
         torch.set_num_interop_threads(1)
+    from fedzip.allocator import RoundTrim
+
+    trim = RoundTrim()  # a worker's resident memory stays flat too
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(conn, inbox), daemon=True).start()
     work: Callable[[Any, Any], Any] | None = None
@@ -244,6 +247,7 @@ def _worker_main(conn: Any, threads: int) -> None:
                 conn.send(("done", seq, _Failed(task.client_id, f"the result does not pickle: {_one_line(e)}"),
                            elapsed))
             res = task = None
+            trim()
 
 
 def _tune_malloc() -> None:
@@ -299,9 +303,12 @@ class ProcessExecutor:
     """Client work in worker processes on this machine, results in task order.
 
     Args:
-        num_workers: worker processes (default: :func:`default_layout`).
-        threads: intra-op torch threads in each worker (default
-            ``max(1, cores // num_workers)``, or the layout's).
+        num_workers: worker processes (default: :func:`default_layout`, one
+            per free core; with ``threads``, ``free cores // threads``).
+        threads: intra-op torch threads in each worker (default 1, the
+            faster layout measured, and one that does not depend on the
+            machine: results depend on the thread count, never on the number
+            of workers).
         max_in_flight: tasks sent past the oldest one not yet yielded (default
             ``4 * num_workers``): bounds the results buffered in the driver.
         queue_depth: tasks queued on a worker (1 running, the rest waiting, so
@@ -349,7 +356,7 @@ class ProcessExecutor:
         elif num_workers is None:
             num_workers = max(1, self.cores // threads)
         elif threads is None:
-            threads = max(1, self.cores // num_workers)
+            threads = layout_threads
         self.num_workers: int = num_workers
         self.threads: int = threads
         self.max_in_flight = max_in_flight if max_in_flight is not None else 4 * num_workers
