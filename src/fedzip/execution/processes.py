@@ -123,11 +123,14 @@ def free_cores(cores: int | None = None, busy: float | None = None) -> int:
 
 def default_layout(cores: int | None = None) -> tuple[int, int]:
     """``(workers, threads per worker)`` for ``cores`` (default :func:`free_cores`):
-    one single-threaded worker per core. Measured on the seed workload and on
-    100 clients a round (``benchmarks/round_time.py``, ``benchmarks/scale.py``):
-    processes of 1 thread against 1 process of several, the processes win, and
-    a process of several threads slows down badly when the cores are shared
-    (OpenMP threads wait for each other at every operation)."""
+    one single-threaded worker per core. Measured on 2 cores that other
+    processes shared (load 9 to 12), seconds per round: the seed workload
+    (``benchmarks/round_time.py --threads 1``) 2 processes x 1 thread 3.72,
+    1 process x 2 threads 47.97 (in process, 1 thread: 4.68); 100 clients a
+    round (``benchmarks/scale.py --backends local,processes --clients 10,100``)
+    1.80 against 83.7 (in process: 3.26). Clients are independent, while
+    intra-op threads scale poorly on batches of 20 small images and wait for
+    each other at every operation when a core is taken away from one of them."""
     cores = free_cores() if cores is None else cores
     return max(1, cores), 1
 
@@ -147,7 +150,8 @@ def check_oversubscription(workers: int, threads: int, cores: int | None = None,
         return False
     others = f", other processes keep {busy:.0f} busy" if busy >= 0.5 else ""
     warnings.warn(OversubscriptionWarning(
-        f"{workers} {what} x {threads} torch threads = {workers * threads} threads on {free} free cores "
+        f"{workers} {what} x {threads} torch threads = {workers * threads} threads on {free} free "
+        f"core{'s' if free != 1 else ''} "
         f"({cores} available{others}): threads that share a core spin against each other and rounds "
         f"can take several times as long. Use workers x threads <= {free} (threads=1, num_workers={free})"),
         stacklevel=3)
