@@ -258,16 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         r["acc_ratio"] = r["last3"] / ref["last3"] if ref else float("nan")
         r["d_points"] = 100 * (r["last3"] - ref["last3"]) if ref else float("nan")
 
-    print(f"\n{'setting':16s} {'seed':>4s} {'final acc':>9s} {'last 3':>7s} {'uplink':>12s} {'x fewer':>8s}"
+    w = max(16, *(len(r["label"]) for r in rows))
+    print(f"\n{'setting':{w}s} {'seed':>4s} {'final acc':>9s} {'last 3':>7s} {'uplink':>12s} {'x fewer':>8s}"
           f" {'s/round':>8s} {'acc/f32':>8s} {'d(last 3)':>10s}")
     for r in rows:
-        print(f"{r['label']:16s} {r['seed']:4d} {r['final']:9.4f} {r['last3']:7.4f} {format_bits(r['up']):>12s} "
+        print(f"{r['label']:{w}s} {r['seed']:4d} {r['final']:9.4f} {r['last3']:7.4f} {format_bits(r['up']):>12s} "
               f"{r['x_fewer']:8.1f} {r['s_round']:8.2f} {r['acc_ratio']:8.4f} {r['d_points']:+8.2f} pt")
     per_label = aggregate(rows)
     if len(args.seeds) > 1:
         print(f"\nmean over seeds {args.seeds} (+- sample std of the paired difference):")
         for a in per_label:
-            print(f"{a['label']:16s} last 3 {a['last3']:.4f}  x fewer {a['x_fewer']:.1f}  s/round {a['s_round']:.2f}  "
+            print(f"{a['label']:{w}s} last 3 {a['last3']:.4f}  x fewer {a['x_fewer']:.1f}  s/round {a['s_round']:.2f}  "
                   f"acc/f32 {a['acc_ratio']:.4f}  d {a['d_points']:+.2f} +- {a['d_std']:.2f} pt")
 
     print()

@@ -144,7 +144,7 @@ FIELD_HELP: dict[str, str] = {
     "server_momentum": "server SGD momentum (FedAvgM)",
     "eval_every": "evaluate on the test clients every N rounds (0: only after the last)",
     "eval_batch_size": "batch size of evaluation",
-    "eval_clients": "evaluate on this many sampled test clients (default all)",
+    "eval_clients": "evaluate on this many test clients, the same sample every time (default all)",
     "seed": "seed of every random draw (sampling, shuffling, codecs)",
     "min_clients": "clients that must succeed for a round to count (default all)",
     "backend": "where client work runs: local (in process), processes (worker processes here) or ray",

@@ -248,12 +248,13 @@ def _run(config, logdir, data, console, extra_writers, on_round, resume, cleanup
 def _evaluate(algorithm: FederatedAlgorithm, state: ServerState, test: Any, config: RunConfig,
               round_num: int) -> dict[str, Any]:
     """Pooled figures over the test clients, and per-client summaries; with
-    ``eval_clients`` over that many test clients sampled for the round."""
+    ``eval_clients`` over that many test clients, the same sample at every
+    evaluation (so figures of different rounds compare)."""
     if isinstance(test, ClientExamples):
         return algorithm.evaluate(state.params, test, batch_size=config.eval_batch_size)
     ids = None
     if config.eval_clients is not None and config.eval_clients < len(test.client_ids):
-        ids = sample_clients(test.client_ids, config.eval_clients, round_num, derive_seed(config.seed, "eval"))
+        ids = sample_clients(test.client_ids, config.eval_clients, 0, derive_seed(config.seed, "eval"))
     return algorithm.evaluate(state.params, test, ids, batch_size=config.eval_batch_size, per_client=True)
 
 
