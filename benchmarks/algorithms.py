@@ -55,6 +55,7 @@ grids in ``TUNE``, short); see the comments there and the README section.
                                     [--datasets unipen,shakespeare] [--algorithms fedavg,scaffold]
                                     [--variants float32,eden1] [--eval-every N] [--out runs/algorithms]
     python benchmarks/algorithms.py --tune --rounds unipen=12 --algorithms fedavg,fedsgd
+    python benchmarks/algorithms.py --datasets unipen --algorithms mime --hp mime:beta=0.5,client_lr=0.05
     python benchmarks/algorithms.py --replot     # redraw the plots from OUT/summary.json
 """
 
@@ -345,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N rounds (default: rounds/5)")
     ap.add_argument("--max-batches", type=int, default=DATA_SETTINGS["shakespeare"]["max_batches"],
                     help="Shakespeare: batches per client per round (0: no cap)")
+    ap.add_argument("--hp", action="append", default=[], metavar="ALG:key=value,...",
+                    help="override an algorithm's hyperparameters (RunConfig fields or the algorithm's own "
+                         "arguments), e.g. --hp mime:beta=0.5,client_lr=0.05; the rows are labelled with it")
     ap.add_argument("--tune", action="store_true",
                     help="float32 runs over the TUNE grids of the chosen algorithms instead of the benchmark")
     ap.add_argument("--out", default="runs/algorithms", help="metrics, TensorBoard logs, table and plots")
@@ -370,6 +374,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{what}: unknown {bad}; choose from {list(allowed)}")
     if not datasets or not variants or not seeds:
         ap.error("--datasets, --variants and --seeds need at least one value")
+    overrides: dict[str, dict[str, Any]] = {}
+    for spec in args.hp:
+        alg_name, _, rest = spec.partition(":")
+        if alg_name not in ALGORITHMS or not rest:
+            ap.error(f"--hp {spec!r}: give ALG:key=value,... with ALG one of {list(ALGORITHMS)}")
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq:
+                ap.error(f"--hp {spec!r}: {part!r} is not key=value")
+            overrides.setdefault(alg_name, {})[k.strip()] = float(v)
     if args.tune:
         variants = ["float32"]
         if not algs:
@@ -404,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"seeds {seeds}; solid float32, dashed EDEN 1 bit, dotted + extra group at 1 bit")
         ds_rows: list[dict[str, Any]] = []
         for name in names:
-            grid = TUNE.get(name, [{}]) if args.tune else [{}]
+            grid = TUNE.get(name, [{}]) if args.tune else [overrides.get(name, {})]
             for seed in seeds:
                 jobs = []
                 for over in grid:
