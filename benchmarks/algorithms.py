@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             k, eq, v = part.partition("=")
             if not eq:
                 ap.error(f"--hp {spec!r}: {part!r} is not key=value")
-            overrides.setdefault(alg_name, {})[k.strip()] = float(v)
+            overrides.setdefault(alg_name, {})[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
     if args.tune:
         variants = ["float32"]
         if not algs:
@@ -429,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                         alg_args = {k: v for k, v in both.items() if k not in RUN_FIELDS}
                         tag = ",".join(f"{k}={v:g}" for k, v in over.items())
                         label = f"{name}[{tag}]" if tag else name
-                        cfg = RunConfig(
-                            dataset=ds, rounds=rounds, clients_per_round=CLIENTS_PER_ROUND,
-                            batch_size=settings["batch_size"], epochs=1, max_batches=settings["max_batches"],
-                            eval_every=eval_every, seed=seed, name=f"{ds}/{label}/{variant}/seed{seed}",
-                            **hp, **algorithm_fields(name, variant, num_clients, alg_args))
+                        fields = {"dataset": ds, "rounds": rounds, "clients_per_round": CLIENTS_PER_ROUND,
+                                  "batch_size": settings["batch_size"], "epochs": 1,
+                                  "max_batches": settings["max_batches"], "eval_every": eval_every, "seed": seed,
+                                  "name": f"{ds}/{label}/{variant}/seed{seed}"}
+                        fields.update(hp)  # --hp may change any of them (max_batches, say)
+                        cfg = RunConfig(**fields, **algorithm_fields(name, variant, num_clients, alg_args))
                         jobs.append({"key": f"{ds}/{label}/{variant}/s{seed}", "dataset": ds,
                                      "algorithm": label, "variant": variant, "seed": seed, "tune": over or None,
                                      "config": cfg, "logdir": out / ds / label / variant / f"seed{seed}",
@@ -527,7 +528,7 @@ def report(rows: list[dict[str, Any]], seeds: list[int], tune: bool) -> list[str
         bits_ok = ratio >= RATIO_COUNTED
         ref_last3 = statistics.mean(refs[(ds, alg, r["seed"])]["last3"] for r in rs)
         if ref_last3 < NOT_LEARNED:
-            acc = f"no comparison: the float32 run did not learn (last3 {ref_last3:.3f} < {NOT_LEARNED:g})"
+            acc = f"not compared: the float32 run did not learn (last3 {ref_last3:.3f} < {NOT_LEARNED:g})"
         elif len(rs) >= 3:
             se = statistics.stdev([r["d_points"] for r in rs]) / len(rs) ** 0.5
             acc = f"{'within' if d - 2 * se >= -GOAL_POINTS else 'NOT shown within'} {GOAL_POINTS:g} pt " \
