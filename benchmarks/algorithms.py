@@ -45,8 +45,9 @@ as meeting it from 31x). With fewer than 3 seeds the accuracy half of the goal
 is not decided (run-to-run noise on these data is 1-2.5 points): the line
 says so; with 3 or more, "within" needs the mean paired difference minus two
 standard errors above -1 point. A float32 run whose last-3 accuracy stays
-under 0.10 learned nothing, and its compressed runs get no verdict. A plot per data set (accuracy against rounds and against cumulative
-uplink bits), ``table.txt`` and ``summary.json`` go to ``--out``.
+under 0.10 learned nothing, and its compressed runs get no verdict. A plot
+per data set (accuracy against rounds and against cumulative uplink bits),
+``table.txt`` and ``summary.json`` go to ``--out``.
 
 Hyperparameters (``HPARAMS``): chosen with ``--tune`` (float32 runs over the
 grids in ``TUNE``, short); see the comments there and the README section.
