@@ -1,9 +1,13 @@
-"""Small in-memory federated data for tests that need no files."""
+"""Small in-memory federated data, models and helpers shared by the tests."""
 
 from __future__ import annotations
 
+import functools
+import textwrap
+
 import torch
 
+import fedzip
 from fedzip.data.federated import ClientExamples
 from fedzip.errors import DataError
 
@@ -44,3 +48,82 @@ def deterministic(metrics):
     if isinstance(metrics, list):
         return [deterministic(m) for m in metrics]
     return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+# A tiny next-token task and its data, as a user's own module named by import
+# path (tests write it to a temporary package): [B, T, V] logits, padding 0,
+# 6 clients of 4 sequences of 5 tokens.
+TINY_SEQ_MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from fedzip.data.federated import ClientExamples
+    from fedzip.tasks import ClassificationMetrics, Task, classification_loss
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 6)
+            self.out = nn.Linear(6, 12)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.emb(x)))
+
+    def task():
+        return Task(name="tiny-seq", model_fn=Tiny, loss_fn=classification_loss(ignore_index=0),
+                    metrics=ClassificationMetrics(ignore=(0,)), weighting="tokens", num_classes=12)
+
+    class Clients:
+        def __init__(self, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.ex = {}
+            for i in range(6):
+                x = torch.randint(1, 12, (4, 5), generator=g)
+                self.ex[f"u{i}"] = ClientExamples(x, (x + 1) % 12)
+
+        @property
+        def client_ids(self):
+            return list(self.ex)
+
+        def client(self, cid):
+            return self.ex[cid]
+
+    class Info:
+        name = "tiny-seq"
+        description = "tiny sequences of a user's own, named by import path"
+        num_classes = 12
+        task = "auto"
+
+    def data():
+        return Clients(0), Clients(1), Info()
+''')
+
+
+SGD = torch.optim.SGD
+
+
+class TinyCNN(torch.nn.Module):
+    """A small convolutional model for the tests where the model does not matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 5, padding=2)
+        self.fc = torch.nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.conv(x.unsqueeze(1))), 2).flatten(1))
+
+
+def small_fedavg(aggregator=None, executor=None, model_fn=TinyCNN, **kw):
+    return fedzip.weighted_fedavg(
+        model_fn, functools.partial(SGD, lr=0.05), functools.partial(SGD, lr=1.0),
+        aggregator, executor=executor,
+        preprocess=fedzip.Preprocess(batch_size=8, epochs=1, shuffle_buffer=100), **kw,
+    )
+
+
+def run_rounds(fa, data, rounds, per_round, seed=0):
+    state, history = fa.init(), []
+    for r in range(1, rounds + 1):
+        state, m = fa.next(state, data, fedzip.sample_clients(data.client_ids, per_round, r, seed))
+        history.append(m)
+    return state, history

@@ -8,7 +8,6 @@ the end; the tests that need it are skipped where Ray is not installed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import time
@@ -22,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from fakes import TensorClients, deterministic
+from fakes import run_rounds as _run
+from fakes import small_fedavg as _fedavg
 
 import fedzip
 from fedzip.codecs import ErrorFeedback, UniformQuantization
@@ -33,34 +34,6 @@ from fedzip.execution import LocalExecutor, RayExecutor, make_executor, ray_avai
 SGD = torch.optim.SGD
 TESTS_DIR = str(Path(__file__).resolve().parent)
 needs_ray = pytest.mark.skipif(not ray_available(), reason="Ray is not installed (pip install 'fedzip[ray]')")
-
-
-class TinyCNN(torch.nn.Module):
-    """A small convolutional model for the tests where the model does not matter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 5, padding=2)
-        self.fc = torch.nn.Linear(4 * 14 * 14, 10)
-
-    def forward(self, x):
-        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.conv(x.unsqueeze(1))), 2).flatten(1))
-
-
-def _fedavg(aggregator=None, executor=None, model_fn=TinyCNN, **kw):
-    return fedzip.weighted_fedavg(
-        model_fn, functools.partial(SGD, lr=0.05), functools.partial(SGD, lr=1.0),
-        aggregator, executor=executor,
-        preprocess=fedzip.Preprocess(batch_size=8, epochs=1, shuffle_buffer=100), **kw,
-    )
-
-
-def _run(fa, data, rounds, per_round, seed=0):
-    state, history = fa.init(), []
-    for r in range(1, rounds + 1):
-        state, m = fa.next(state, data, fedzip.sample_clients(data.client_ids, per_round, r, seed))
-        history.append(m)
-    return state, history
 
 
 class Faulty:

@@ -21,7 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fakes import TensorClients, deterministic
+from fakes import TensorClients, TinyCNN, deterministic
+from fakes import run_rounds as _run
+from fakes import small_fedavg as _fedavg
 
 import fedzip
 from fedzip.codecs import ErrorFeedback, UniformQuantization
@@ -43,34 +45,6 @@ from fedzip.execution import processes as processes_mod
 
 SGD = torch.optim.SGD
 TESTS_DIR = str(Path(__file__).resolve().parent)
-
-
-class TinyCNN(torch.nn.Module):
-    """A small convolutional model for the tests where the model does not matter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 5, padding=2)
-        self.fc = torch.nn.Linear(4 * 14 * 14, 10)
-
-    def forward(self, x):
-        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.conv(x.unsqueeze(1))), 2).flatten(1))
-
-
-def _fedavg(aggregator=None, executor=None, model_fn=TinyCNN, **kw):
-    return fedzip.weighted_fedavg(
-        model_fn, functools.partial(SGD, lr=0.05), functools.partial(SGD, lr=1.0),
-        aggregator, executor=executor,
-        preprocess=fedzip.Preprocess(batch_size=8, epochs=1, shuffle_buffer=100), **kw,
-    )
-
-
-def _run(fa, data, rounds, per_round, seed=0):
-    state, history = fa.init(), []
-    for r in range(1, rounds + 1):
-        state, m = fa.next(state, data, fedzip.sample_clients(data.client_ids, per_round, r, seed))
-        history.append(m)
-    return state, history
 
 
 def _same(a, b):

@@ -8,11 +8,10 @@ import csv
 import json
 import math
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
-from fakes import deterministic
+from fakes import TINY_SEQ_MODULE, deterministic
 
 from fedzip import checkpoint
 from fedzip.cli import main
@@ -20,51 +19,6 @@ from fedzip.compare import summarize_history
 from fedzip.errors import ConfigError
 from fedzip.metrics import read_jsonl
 from fedzip.sweep import RUN_FILE, Sweep, load_sweep, run_sweep, t_interval
-
-# A tiny next-token task named by import path: 6 clients of 4 sequences of 5 tokens.
-SWEEP_MODULE = textwrap.dedent('''
-    import torch
-    from torch import nn
-    from fedzip.data.federated import ClientExamples
-    from fedzip.tasks import ClassificationMetrics, Task, classification_loss
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(12, 6)
-            self.out = nn.Linear(6, 12)
-
-        def forward(self, x):
-            return self.out(torch.tanh(self.emb(x)))
-
-    def task():
-        return Task(name="tiny-seq", model_fn=Tiny, loss_fn=classification_loss(ignore_index=0),
-                    metrics=ClassificationMetrics(ignore=(0,)), weighting="tokens", num_classes=12)
-
-    class Clients:
-        def __init__(self, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.ex = {}
-            for i in range(6):
-                x = torch.randint(1, 12, (4, 5), generator=g)
-                self.ex[f"u{i}"] = ClientExamples(x, (x + 1) % 12)
-
-        @property
-        def client_ids(self):
-            return list(self.ex)
-
-        def client(self, cid):
-            return self.ex[cid]
-
-    class Info:
-        name = "tiny-seq"
-        description = "tiny sequences for sweeps"
-        num_classes = 12
-        task = "auto"
-
-    def data():
-        return Clients(0), Clients(1), Info()
-''')
 
 BASE = {"dataset": "sweeptask:data", "task": "sweeptask:task", "rounds": 2, "clients_per_round": 3,
         "batch_size": 2, "eval_every": 1,
@@ -78,7 +32,7 @@ T_975 = {1: 12.706, 2: 4.303}  # Student's t, 97.5% quantile, from a printed tab
 def sweep_module(tmp_path, monkeypatch):
     pkg = tmp_path / "userpkg"
     pkg.mkdir()
-    (pkg / "sweeptask.py").write_text(SWEEP_MODULE)
+    (pkg / "sweeptask.py").write_text(TINY_SEQ_MODULE)
     monkeypatch.syspath_prepend(str(pkg))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -10,13 +10,12 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TensorClients, deterministic
+from fakes import TINY_SEQ_MODULE, TensorClients, deterministic
 
 import fedzip
 from fedzip import checkpoint
@@ -129,57 +128,11 @@ def test_a_task_with_images_still_gets_the_image_errors():
 # A user's task and data named by import path: CLI, run.json, checkpoints, resume
 # --------------------------------------------------------------------------
 
-USER_MODULE = textwrap.dedent('''
-    """A tiny next-token task of a user's own: [B, T, V] logits, padding 0."""
-    import torch
-    from torch import nn
-    from fedzip.data.federated import ClientExamples
-    from fedzip.tasks import ClassificationMetrics, Task, classification_loss
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(12, 6)
-            self.out = nn.Linear(6, 12)
-
-        def forward(self, x):
-            return self.out(torch.tanh(self.emb(x)))
-
-    def task():
-        return Task(name="tiny-seq", model_fn=Tiny, loss_fn=classification_loss(ignore_index=0),
-                    metrics=ClassificationMetrics(ignore=(0,)), weighting="tokens", num_classes=12)
-
-    class Clients:
-        def __init__(self, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.ex = {}
-            for i in range(6):
-                x = torch.randint(1, 12, (4, 5), generator=g)
-                self.ex[f"u{i}"] = ClientExamples(x, (x + 1) % 12)
-
-        @property
-        def client_ids(self):
-            return list(self.ex)
-
-        def client(self, cid):
-            return self.ex[cid]
-
-    class Info:
-        name = "tiny-seq"
-        description = "a user's own data, named by import path"
-        num_classes = 12
-        task = "auto"
-
-    def data():
-        return Clients(0), Clients(1), Info()
-''')
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     pkg = tmp_path / "userpkg"
     pkg.mkdir()
-    (pkg / "mytask.py").write_text(USER_MODULE)
+    (pkg / "mytask.py").write_text(TINY_SEQ_MODULE)
     monkeypatch.syspath_prepend(str(pkg))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")]))
     return pkg
