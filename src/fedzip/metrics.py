@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,22 +107,32 @@ def console_writer(prefix: str, total: int, initial: int = 0) -> MetricWriter:
 
 
 class JsonlWriter:
-    """Appends one JSON object per round and flushes it to disk (fsync), so a
-    crash loses at most the line being written."""
+    """Appends one JSON object per round and hands it to the operating system
+    at once (flush), so a crash of the process loses at most the line being
+    written; it forces it to the disk (fsync) at most every ``sync_every_s``
+    seconds and on close, so a crash of the machine loses at most that much.
+    (An fsync per round cost 2 to 10 ms, 1-2% of a seed-workload round.)"""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, sync_every_s: float = 10.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync_every_s = sync_every_s
         self._f = open(self.path, "a", encoding="utf-8")
+        self._synced = time.monotonic()
 
     def write(self, metrics: Mapping[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self._f.write(json.dumps(clean, sort_keys=True) + "\n")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if time.monotonic() - self._synced >= self.sync_every_s:
+            os.fsync(self._f.fileno())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
 
 
 class TensorBoardWriter:

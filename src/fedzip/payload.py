@@ -23,12 +23,14 @@ def encode_params(params: Params, policy: CodecPolicy, rng: torch.Generator) -> 
 
 
 def decode_params(
-    msg: Message, template: Mapping[str, tuple[int, ...]], policy: CodecPolicy
+    msg: Message, template: Mapping[str, tuple[int, ...]], policy: CodecPolicy, views: bool = False,
 ) -> Params:
     """Decode a message's tensors after checking names, shapes and codec tags
     against the model; a decoded tensor must be finite, floating point and of
     the right shape. Anything wrong, including a codec that raises on hostile
-    bytes, is a :class:`PayloadError` naming the tensor."""
+    bytes, is a :class:`PayloadError` naming the tensor. With ``views`` the
+    tensors may be read-only views of the message's bytes
+    (:meth:`~fedzip.codecs.base.Codec.decode_view`): read them, don't keep them."""
     names = [t.name for t in msg.tensors]
     if sorted(names) != sorted(template):
         missing = sorted(set(template) - set(names))[:5]
@@ -43,7 +45,7 @@ def decode_params(
         if t.codec != codec.tag:
             raise PayloadError(f"tensor {t.name!r}: codec {t.codec!r}, expected {codec.tag!r}")
         try:
-            value = codec.decode(t.body, shape)
+            value = codec.decode_view(t.body, shape) if views else codec.decode(t.body, shape)
         except PayloadError:
             raise
         except MemoryError:

@@ -96,6 +96,8 @@ def encode_message(
         raw = _name_bytes(name, 0xFF)
         parts += [bytes([len(raw)]), raw, _F64.pack(float(value))]
     for t in tensors:
+        # a body may be a view (Codec.encode_view): joined as it is, copied once
+        body = t.body if isinstance(t.body, bytes) else memoryview(t.body).cast("B")
         raw = _name_bytes(t.name, 0xFFFF)
         tag = t.codec.encode("ascii")
         if not 0 < len(tag) <= 0xFF:
@@ -106,8 +108,8 @@ def encode_message(
             raise PayloadError(f"tensor {t.name!r}: shape {t.shape} out of range")
         if math.prod(t.shape) > MAX_ELEMENTS:  # what decode_message would refuse
             raise PayloadError(f"tensor {t.name!r}: shape {t.shape} exceeds {MAX_ELEMENTS} elements")
-        if len(t.body) > 0xFFFFFFFF:
-            raise PayloadError(f"tensor {t.name!r}: body of {len(t.body)} bytes, at most 2^32 - 1")
+        if len(body) > 0xFFFFFFFF:
+            raise PayloadError(f"tensor {t.name!r}: body of {len(body)} bytes, at most 2^32 - 1")
         parts += [
             _U16.pack(len(raw)),
             raw,
@@ -115,8 +117,8 @@ def encode_message(
             tag,
             bytes([len(t.shape)]),
             struct.pack(f"<{len(t.shape)}I", *t.shape),
-            _U32.pack(len(t.body)),
-            bytes(t.body),
+            _U32.pack(len(body)),
+            body,
         ]
     return b"".join(parts)
 

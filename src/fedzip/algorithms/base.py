@@ -50,6 +50,7 @@ from fedzip.algorithms.client import (
 )
 from fedzip.algorithms.space import UpdateSpace
 from fedzip.algorithms.state import ServerState
+from fedzip.allocator import keep_heap
 from fedzip.clientstate import ClientStates, DiskStates, MemoryStates
 from fedzip.codecs import Codec, CodecPolicy, as_policy
 from fedzip.data.federated import ClientExamples, FederatedData, Preprocess
@@ -143,6 +144,7 @@ class FederatedAlgorithm:
         self.broadcast_policy = as_policy(broadcast_codec)
         self.seed = int(seed)
         self.executor = executor or LocalExecutor()
+        keep_heap()  # clients free and reallocate the same large buffers: keep them (fedzip.allocator)
         self.min_clients = min_clients
         if max_client_states is not None and (not isinstance(max_client_states, int)
                                               or isinstance(max_client_states, bool) or max_client_states < 0):
@@ -331,7 +333,7 @@ class FederatedAlgorithm:
         group_means = {}
         for g, gacc in group_accs.items():
             if gacc.count:
-                group_means[g] = {k: v.to(torch.float32) / gacc.count for k, v in gacc.sums.items()}
+                group_means[g] = {k: v.to(torch.float32) / gacc.count for k, v in gacc.result().sums.items()}
         params, opt_state, groups = self.server_update(state, mean_update, group_means, acc.count)
         if not tree.all_finite(params) or not all(tree.all_finite(g) for g in groups.values()):
             raise RoundFailedError(

@@ -93,9 +93,11 @@ class Preprocess:
         order = torch.from_numpy(self.order(len(examples), generator))
         if self.max_batches is not None:
             order = order[: self.max_batches * self.batch_size]
+        # one gather per client, then contiguous slices: the same batches as
+        # indexing each batch, with one copy instead of one per batch
+        xs, ys = examples.x[order], examples.y[order]
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield examples.x[idx], examples.y[idx]
+            yield xs[start : start + self.batch_size], ys[start : start + self.batch_size]
 
 
 def _buffer_shuffle(stream: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:

@@ -200,8 +200,9 @@ def _worker_main(conn: Any, threads: int) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # once per process, before any parallel work
         torch.set_num_interop_threads(1)
-    from fedzip.allocator import RoundTrim
+    from fedzip.allocator import RoundTrim, keep_heap
 
+    keep_heap()
     trim = RoundTrim()  # a worker's resident memory stays flat too
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(conn, inbox), daemon=True).start()
