@@ -18,6 +18,18 @@ arXiv), Mime-lite with SGD with momentum as the base optimizer:
   delta, ``x ← x + η_g·mean Δy`` with server SGD at ``lr = η_g`` (give the
   server *no* momentum of its own: the momentum is ``m``, applied on clients).
 
+The learning-rate scale: this is the *damped* heavy ball (the fresh gradient
+weighted ``1 − β``). FedJAX's ``mime_lite`` with ``optimizers.sgd(lr,
+momentum=β)`` (optax's undamped trace: ``y ← y − η'(g + β·m')``,
+``m' ← g_srv + β·m'``) is the same algorithm with ``η' = η_l·(1 − β)`` and
+``m' = m/(1 − β)``: a FedJAX client lr ``η'`` is ``client_lr = η'/(1 − β)``
+here (checked step for step by ``tests/test_mime_reference.py``). ``m``
+starts at zero with no bias correction, so in the first rounds a client
+moves with weight ``1 − β`` on its fresh gradients (about ``η_l(1 − β)``
+per step) until ``m`` has built up over about ``1/(1 − β)`` rounds; ``m``
+moves once a round, not once a step, and its ``β·m`` is added at every one
+of a client's local steps.
+
 ``beta = 0`` is FedAvg with client SGD, step for step. The gradient at ``x``
 doubles the uplink: ``grad_codec`` (a codec, policy or spec; default
 float32) encodes it.
