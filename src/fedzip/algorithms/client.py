@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fedzip.aggregators import Aggregator
-from fedzip.algorithms.space import UpdateSpace
+from fedzip.algorithms.space import UpdateSpace, gather_codec_state, scatter_codec_state
 from fedzip.codecs import CodecPolicy
 from fedzip.data.federated import FederatedData, Preprocess
 from fedzip.payload import decode_params, encode_params
@@ -241,9 +241,16 @@ class ClientWork:
         hooks.finish(ctx, delta)
         t_train = time.perf_counter() - t0 - t_data
         rng = torch_rng(self.seed, task.round, task.client_id, "codec")
-        records, reports, codec_state = self.aggregator.client_encode(
-            scalars, delta, rng, task.client_state.get("codec")
-        )
+        codec_state = task.client_state.get("codec")
+        space, policy = self.space, self.aggregator.policy
+        if space.moves_residuals:  # the residuals are kept on the model's coordinates: gather this round's
+            full_state = codec_state or {}
+            codec_state = gather_codec_state(space, policy, full_state, delta, task.client_id, task.round,
+                                             self.seed)
+        records, reports, codec_state = self.aggregator.client_encode(scalars, delta, rng, codec_state)
+        if space.moves_residuals:  # and scatter the new ones back; coordinates not sent keep theirs
+            codec_state = scatter_codec_state(space, policy, full_state, codec_state, delta, self.template(),
+                                              task.client_id, task.round, self.seed)
         if task.secagg:  # secure aggregation: the codes leave the client masked
             from fedzip.privacy.secagg import mask_update  # cryptography loads only when asked for
 

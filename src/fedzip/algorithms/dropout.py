@@ -18,6 +18,14 @@ sub-model's tensors go in the client's personal message (group ``model``),
 encoded by the broadcast codec (Kashin or a Hadamard rotation with
 quantization, as in the paper) and counted per client.
 
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019) composes: each
+client's residual is kept on the full model's coordinates; each round the
+entries of its kept units are gathered into the sub-update's layout before
+encoding, and the new residual is scattered back there. The coordinates it
+did not hold this round keep their residual until it holds them again. For
+this the client regenerates its kept units from the run's seed (as random
+masks are), so they still cost no bits.
+
 What this understands is declared per model class in :data:`PLANS`, a
 *dropout plan*: the unit groups of the model (a layer's outputs), each with
 the tensor axes its units index — its own rows (and bias), and the next
@@ -277,6 +285,18 @@ def sub_params(params: Params, plan: Sequence[UnitGroup], kept: Mapping[str, np.
     return out
 
 
+def _held(shape: tuple[int, ...], axes: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The coordinates of a tensor of ``shape`` that the kept indices along ``axes`` hold."""
+    mask = torch.ones(shape, dtype=torch.bool)
+    for axis, idx in axes.items():
+        held = torch.zeros(shape[axis], dtype=torch.bool)
+        held[idx] = True
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        mask = mask & held.view(view)
+    return mask
+
+
 def expand_params(sent: Params, shapes: Mapping[str, tuple[int, ...]], plan: Sequence[UnitGroup],
                   kept: Mapping[str, np.ndarray]) -> tuple[Params, dict[str, torch.Tensor]]:
     """Sub-model tensors on the full model's coordinates (zeros elsewhere),
@@ -289,13 +309,7 @@ def expand_params(sent: Params, shapes: Mapping[str, tuple[int, ...]], plan: Seq
         if name not in axes:
             full[name] = value
             continue
-        mask = torch.ones(shape, dtype=torch.bool)
-        for axis, idx in axes[name].items():
-            held = torch.zeros(shape[axis], dtype=torch.bool)
-            held[idx] = True
-            view = [1] * len(shape)
-            view[axis] = shape[axis]
-            mask = mask & held.view(view)
+        mask = _held(tuple(shape), axes[name])
         out = torch.zeros(shape, dtype=value.dtype)
         # indices ascend along every axis: the sub-tensor's row-major order is the mask's
         out.masked_scatter_(mask, value.contiguous())
@@ -363,6 +377,7 @@ class DropoutSpace(UpdateSpace):
     """
 
     personal_model = True
+    moves_residuals = True  # the kept units change every round (see the module doc)
 
     def __init__(self, plan: Sequence[UnitGroup], keep: Mapping[str, float]) -> None:
         self.plan = tuple(plan)
@@ -389,6 +404,25 @@ class DropoutSpace(UpdateSpace):
     def prepare(self, model: nn.Module, received: Params, ctx: Any) -> tuple[nn.Module, list[torch.Tensor]]:
         sub = sub_module(model, received)
         return sub, list(sub.parameters())
+
+    # -- error feedback: residuals on the full model's coordinates ------------
+    # The client regenerates its kept units from the run's seed (as random masks
+    # do), so carrying a residual across rounds costs no bits either.
+
+    def _axes(self, name: str, client_id: str, round_num: int, seed: int) -> dict[int, torch.Tensor]:
+        return _axis_indices(self.plan, self.kept(client_id, round_num, seed)).get(name, {})
+
+    def gather(self, name, full, client_id, round_num, seed):
+        for axis, idx in self._axes(name, client_id, round_num, seed).items():
+            full = full.index_select(axis, idx)
+        return full.contiguous()
+
+    def scatter(self, name, full, sent, client_id, round_num, seed):
+        axes = self._axes(name, client_id, round_num, seed)
+        if not axes:
+            return sent
+        # indices ascend along every axis: the sub-tensor's row-major order is the mask's
+        return full.clone().masked_scatter_(_held(tuple(full.shape), axes), sent.to(full.dtype).contiguous())
 
 
 # --------------------------------------------------------------------------
@@ -459,21 +493,32 @@ def _template_model(algo: FederatedAlgorithm) -> nn.Module:
     return model
 
 
-def _check_aggregator(algo: FederatedAlgorithm) -> None:
-    """Refuse what cannot work when each client sends its own coordinates."""
+def _check_aggregator(algo: FederatedAlgorithm, no_feedback: str | None = None) -> None:
+    """Refuse what cannot work when each client sends its own coordinates.
+    ``no_feedback``: why error feedback cannot work in this space (None: it
+    works, its residuals kept on the model's coordinates by the space)."""
     from fedzip.codecs import ErrorFeedback
+    from fedzip.codecs.feedback import unmapped_feedback
 
     agg = algo.aggregator
     if getattr(agg, "accumulator_kind", None) is None and agg.policy.summable():
-        raise ConfigError(f"{algo.name}: clients send tensors of their own coordinates, which the server "
-                          "maps back one by one; a summable codec's encoded sums cannot be used here")
+        raise ConfigError(f"{algo.name}: a summable codec's codes are added coordinate by coordinate before "
+                          "anything is decoded, but here code i of one client and code i of another are "
+                          "different model coordinates (other units, another mask or A): only the server "
+                          "can map each client's update back, after decoding it. Use a codec decoded per "
+                          "client")
     for codec in agg.policy.codecs():
-        while codec is not None:
-            if isinstance(codec, ErrorFeedback):
-                raise ConfigError(f"{algo.name}: error feedback keeps a client's residual in the coordinates "
-                                  "it sent last round, and these change every round (other units, another "
-                                  "A or mask): the residual would land on the wrong coordinates")
-            codec = getattr(codec, "inner", None)
+        if no_feedback is not None:
+            c = codec
+            while c is not None:
+                if isinstance(c, ErrorFeedback):
+                    raise ConfigError(f"{algo.name}: error feedback cannot work here: {no_feedback}")
+                c = getattr(c, "inner", None)
+        outer = unmapped_feedback(codec)
+        if outer is not None:
+            raise ConfigError(f"{algo.name}: error feedback inside {outer.tag} would keep its residual on "
+                              "that codec's coordinates, not the sent tensor's, so it cannot be carried "
+                              "from this round's coordinates to the next's; put ErrorFeedback outermost")
 
 
 def federated_dropout(model_fn: Any = None, client_optimizer: Any = None, server_optimizer: Any = None,

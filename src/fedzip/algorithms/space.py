@@ -19,6 +19,14 @@ A space that sends each client a different model (``personal_model``) makes
 the broadcast per client: :meth:`client_model` gives the tensors that client
 receives, sent (and counted) in its personal message instead of the shared
 broadcast.
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019) keeps a residual
+on the coordinates of the tensor sent. A space whose coordinates change every
+round (``moves_residuals``: other kept units, another mask) keeps each
+client's residual on the *model's* coordinates instead: before encoding,
+:meth:`gather` reads the entries this round sends, and afterwards
+:meth:`scatter` writes the new residual back there. The coordinates not sent
+this round keep theirs: an error is carried until they are sent again.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedzip.codecs import CodecPolicy
+from fedzip.codecs.feedback import map_residuals
 from fedzip.tree import Params
 
 
@@ -37,6 +47,10 @@ class UpdateSpace:
 
     #: True when each client receives its own model tensors (personal message)
     personal_model: bool = False
+    #: True when :meth:`gather` and :meth:`scatter` move per-client residuals
+    #: between the model's coordinates and the sent ones; False where the sent
+    #: coordinates are the model's (FedAvg) and the codec state is left alone
+    moves_residuals: bool = False
 
     # -- server side ---------------------------------------------------------
 
@@ -66,7 +80,58 @@ class UpdateSpace:
         """The tensors to send after training (on the CPU)."""
         return {name: (p.detach() - received[name]).cpu() for name, p in module.named_parameters()}
 
+    def gather(self, name: str, full: torch.Tensor, client_id: str, round_num: int, seed: int) -> torch.Tensor:
+        """The entries of ``full`` (on the model's coordinates of tensor ``name``)
+        that ``client_id`` sends in ``round_num``, laid out as it sends them."""
+        return full
+
+    def scatter(self, name: str, full: torch.Tensor, sent: torch.Tensor, client_id: str, round_num: int,
+                seed: int) -> torch.Tensor:
+        """A copy of ``full`` whose entries that ``client_id`` sends in
+        ``round_num`` are ``sent`` (laid out as sent); the others are kept."""
+        return sent
+
+
+def gather_codec_state(space: UpdateSpace, policy: CodecPolicy, state: Mapping[str, Any],
+                       sent: Params, client_id: str, round_num: int, seed: int) -> dict[str, Any]:
+    """A client's codec state (by tensor, residuals on the model's coordinates)
+    as its codecs see it this round: each residual gathered onto the
+    coordinates of ``sent``, the tensors it sends. None stays None (no residual yet)."""
+
+    def this_round(name: str, r: torch.Tensor | None) -> torch.Tensor | None:
+        return None if r is None else space.gather(name, r, client_id, round_num, seed)
+
+    out = {}
+    for name, s in state.items():
+        if name not in sent:  # no such tensor sent: nothing encodes with this state
+            continue
+        codec = policy.for_tensor(name, sent[name].numel())
+        out[name] = map_residuals(codec, s, lambda r, _, n=name: this_round(n, r))
+    return out
+
+
+def scatter_codec_state(space: UpdateSpace, policy: CodecPolicy, state: Mapping[str, Any],
+                        new: Mapping[str, Any], sent: Params, template: Mapping[str, tuple[int, ...]],
+                        client_id: str, round_num: int, seed: int) -> dict[str, Any]:
+    """The client's codec state to keep: ``new`` (what the codecs returned for
+    ``sent``) with each residual scattered into the one ``state`` held on the
+    model's coordinates (zero where it held none); the coordinates not sent
+    this round keep their residual."""
+
+    def into_full(name: str, r: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:
+        if r is None:
+            return old
+        if not isinstance(old, torch.Tensor) or tuple(old.shape) != tuple(template[name]):
+            old = torch.zeros(template[name], dtype=r.dtype)
+        return space.scatter(name, old, r, client_id, round_num, seed)
+
+    out = {}
+    for name, s in new.items():
+        codec = policy.for_tensor(name, sent[name].numel())
+        out[name] = map_residuals(codec, s, lambda r, old, n=name: into_full(n, r, old), state.get(name))
+    return out
+
 
 FullSpace = UpdateSpace
 
-__all__ = ["FullSpace", "UpdateSpace"]
+__all__ = ["FullSpace", "UpdateSpace", "gather_codec_state", "scatter_codec_state"]

@@ -24,9 +24,15 @@ sends a 32-bit seed per tensor) nothing but the trained values travels.
 What is sent keeps the model's tensor names (``fc1.weight`` is ``B``, or
 the masked values), so the aggregator's codec policy encodes it like any
 tensor: quantization (EDEN, uniform, ...) composes. Stages (clipping,
-zeroing) see the sent tensors, not ``B·A``. Error feedback does not fit: the
-subspace changes every round, so a residual kept in last round's
-coordinates means nothing in this round's.
+zeroing) see the sent tensors, not ``B·A``.
+
+Error feedback (Seide et al. 2014; Karimireddy et al. 2019) composes with
+the random mask: the masked values are the model's own entries, so each
+client's residual is kept on the model's coordinates and the mask of the
+round gathers and scatters it (see :mod:`fedzip.algorithms.space`). Not with
+low rank: ``A`` is redrawn every round, so ``B``'s entries mean other
+directions each round and none is a model coordinate; a residual in them has
+nowhere to go (and ``B·A`` cannot hold the dense residual either).
 
 Which tensors are structured: those with at least two dimensions and more
 than ``threshold`` entries, whose structure is smaller than the tensor;
@@ -213,6 +219,7 @@ class RandomMaskSpace(StructuredSpace):
     (as federated dropout does); default the paper's mean over all clients."""
 
     purpose = "randmask"
+    moves_residuals = True  # the mask changes every round (see the module doc)
 
     def __init__(self, seed: int, fraction: float = 0.25, threshold: int = 0,
                  per_coordinate: bool = False) -> None:
@@ -237,6 +244,22 @@ class RandomMaskSpace(StructuredSpace):
         flat = torch.zeros(_numel(shape), dtype=small.dtype, device=small.device)
         return flat.index_add(0, structure, small).reshape(shape)
 
+    # -- error feedback: residuals on the model's coordinates -----------------
+
+    def gather(self, name, full, client_id, round_num, seed):
+        shape = tuple(full.shape)
+        if not self.structured(shape):
+            return full
+        return full.reshape(-1)[self.draw(name, shape, client_id, round_num, seed)]
+
+    def scatter(self, name, full, sent, client_id, round_num, seed):
+        shape = tuple(full.shape)
+        if not self.structured(shape):
+            return sent
+        flat = full.reshape(-1).clone()
+        flat[self.draw(name, shape, client_id, round_num, seed)] = sent.reshape(-1).to(flat.dtype)
+        return flat.reshape(shape)
+
     def coverage(self, structure, shape):
         if not self.per_coordinate:
             return None
@@ -250,6 +273,13 @@ class RandomMaskSpace(StructuredSpace):
 # --------------------------------------------------------------------------
 
 
+#: why error feedback is refused with low-rank updates (see the module doc)
+LOWRANK_NO_FEEDBACK = ("low-rank clients send B of B·A, and A is redrawn every round (from seed, round and "
+                       "client), so B's entries mean other directions each round and none is a model "
+                       "coordinate: a residual kept in them has no coordinates to carry over to the next "
+                       "round. Random-mask updates and federated dropout take error feedback")
+
+
 class LowRankUpdates(FederatedAlgorithm):
     """FedAvg with low-rank structured updates (Konečný et al. 2016): see
     :class:`LowRankSpace` for ``rank``, ``fraction`` and ``threshold``."""
@@ -261,7 +291,7 @@ class LowRankUpdates(FederatedAlgorithm):
         self._space_args = {"rank": rank, "fraction": fraction, "threshold": threshold}
         LowRankSpace(0, **self._space_args)  # validates before the rest is built
         super().__init__(*args, **kwargs)
-        _check_aggregator(self)
+        _check_aggregator(self, no_feedback=LOWRANK_NO_FEEDBACK)
 
     def update_space(self) -> LowRankSpace:
         return LowRankSpace(self.seed, **self._space_args)

@@ -10,15 +10,22 @@ SignSGD and other Gradient Compression Schemes", ICML 2019 (EF:
 The residual ``e`` is per-client state (``encode_stateful``), kept by the
 aggregator; the bytes are the inner codec's, so the server decodes them
 without any state.
+
+``e`` sits on the coordinates of the tensor the client sends. Where those
+change every round (federated dropout's kept units, a random mask), the
+update space keeps ``e`` on the model's coordinates and moves it in and out
+with :func:`map_residuals` (see :meth:`fedzip.algorithms.space.UpdateSpace.gather`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fedzip.codecs.base import Codec, flat_input
+from fedzip.codecs.lossless import Zstd
 from fedzip.errors import ConfigError
 
 
@@ -62,3 +69,42 @@ class ErrorFeedback(Codec):
 
     def max_encoded_size(self, shape: tuple[int, ...]) -> int:
         return self.inner.max_encoded_size(shape)
+
+
+#: ``fn(residual, old residual)``: a residual's new value (see :func:`map_residuals`)
+ResidualFn = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor | None]
+
+
+def map_residuals(codec: Codec, state: Any, fn: ResidualFn, old: Any = None) -> Any:
+    """``state`` (``codec``'s per-client state for one tensor) with each
+    error-feedback residual ``r`` replaced by ``fn(r, r_old)``, ``r_old`` the
+    same residual in ``old`` (an earlier state of ``codec``; None where it
+    holds none). Only the residuals are on the tensor's coordinates; the rest
+    of the state (an inner codec's warm start) is kept as it is.
+
+    The residuals found are those :func:`unmapped_feedback` does not name:
+    error feedback outermost, possibly nested or under :class:`Zstd`."""
+    if isinstance(codec, ErrorFeedback):
+        if not isinstance(state, dict):
+            return state
+        prev = old if isinstance(old, dict) else {}
+        return {**state, "residual": fn(state.get("residual"), prev.get("residual")),
+                "inner": map_residuals(codec.inner, state.get("inner"), fn, prev.get("inner"))}
+    if isinstance(codec, Zstd):  # lossless: its state is its inner codec's, on the same coordinates
+        return map_residuals(codec.inner, state, fn, old)
+    return state
+
+
+def unmapped_feedback(codec: Codec) -> Codec | None:
+    """The codec inside which ``codec`` hides error feedback that
+    :func:`map_residuals` cannot reach (None: there is none). Under a
+    transform (a rotation, a random subset) a residual would be on the
+    transform's coordinates, not the tensor's: nothing can carry it over."""
+    while isinstance(codec, (ErrorFeedback, Zstd)):
+        codec = codec.inner
+    outer, inner = codec, getattr(codec, "inner", None)
+    while inner is not None:
+        if isinstance(inner, ErrorFeedback):
+            return outer
+        inner = getattr(inner, "inner", None)
+    return None
