@@ -127,3 +127,37 @@ def run_rounds(fa, data, rounds, per_round, seed=0):
         state, m = fa.next(state, data, fedzip.sample_clients(data.client_ids, per_round, r, seed))
         history.append(m)
     return state, history
+
+
+def tiny_mlp() -> torch.nn.Module:
+    """4 features, 6 hidden units, 3 classes: a model federated dropout and
+    structured updates understand, small enough for hand computations."""
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+
+
+class VectorClients:
+    """Two clients of 4-feature vectors, of different sizes (different weights)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.examples = {cid: ClientExamples(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+                         for cid, n in (("a", 7), ("b", 12))}
+        self.client_ids = list(self.examples)
+
+    def client(self, cid):
+        return self.examples[cid]
+
+
+class RecordingExecutor:
+    """An in-process executor that keeps the clients' results."""
+
+    def __init__(self) -> None:
+        from fedzip.execution import LocalExecutor
+
+        self.inner = LocalExecutor()
+        self.results = []
+
+    def map(self, work, data, tasks):
+        for res in self.inner.map(work, data, tasks):
+            self.results.append(res)
+            yield res

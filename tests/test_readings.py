@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fakes import TensorClients, deterministic
+from fakes import RecordingExecutor, TensorClients, VectorClients, deterministic, tiny_mlp
 from torch import nn
 from torch.func import functional_call
 
@@ -36,7 +36,6 @@ from fedzip.algorithms.structured import (
 )
 from fedzip.codecs import CodecPolicy, UniformQuantization, kashin_uniform
 from fedzip.config import RunConfig, build_algorithm_spec
-from fedzip.data.federated import ClientExamples
 from fedzip.errors import ConfigError
 from fedzip.execution import LocalExecutor
 from fedzip.models import CharLSTM, FedAvgCNN
@@ -145,40 +144,10 @@ def test_dropout_refuses_models_it_does_not_understand_naming_the_layer():
 # --------------------------------------------------------------------------
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-
-
-class _Vectors:
-    """Two clients of 4-feature vectors, of different sizes (different weights)."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.examples = {cid: ClientExamples(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
-                         for cid, n in (("a", 7), ("b", 12))}
-        self.client_ids = list(self.examples)
-
-    def client(self, cid):
-        return self.examples[cid]
-
-
-class _Recording:
-    """An executor that keeps the clients' results."""
-
-    def __init__(self) -> None:
-        self.inner = LocalExecutor()
-        self.results = []
-
-    def map(self, work, data, tasks):
-        for res in self.inner.map(work, data, tasks):
-            self.results.append(res)
-            yield res
-
-
 def test_sub_updates_map_back_and_average_per_coordinate_over_the_clients_that_held_them():
-    ex = _Recording()
-    algo = federated_dropout(_mlp, SGD, SERVER, keep=0.5, seed=4, executor=ex)
-    data = _Vectors()
+    ex = RecordingExecutor()
+    algo = federated_dropout(tiny_mlp, SGD, SERVER, keep=0.5, seed=4, executor=ex)
+    data = VectorClients()
     s0 = algo.init()
     s1, m = algo.next(s0, data, ["a", "b"])
     kept = {cid: kept_units(algo.work.space.plan, algo.keep, 4, 1, cid)["0"] for cid in ("a", "b")}

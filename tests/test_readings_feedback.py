@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from fakes import TensorClients, deterministic
+from fakes import RecordingExecutor, TensorClients, VectorClients, deterministic, tiny_mlp
 from torch import nn
 
 import fedzip
@@ -24,7 +24,6 @@ from fedzip.algorithms.dropout import federated_dropout, kept_units
 from fedzip.algorithms.structured import lowrank_updates, random_mask_updates
 from fedzip.codecs import ErrorFeedback, RandomRotation, UniformQuantization, sign_ef
 from fedzip.codecs.summable import SharedScaleQuantization
-from fedzip.data.federated import ClientExamples
 from fedzip.errors import ConfigError
 from fedzip.execution import LocalExecutor, OversubscriptionWarning, ProcessExecutor
 from fedzip.seeding import torch_rng
@@ -39,41 +38,11 @@ def _one_thread(one_thread):
     yield
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-
-
-class _Vectors:
-    """Two clients of 4-feature vectors."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.examples = {cid: ClientExamples(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
-                         for cid, n in (("a", 7), ("b", 12))}
-        self.client_ids = list(self.examples)
-
-    def client(self, cid):
-        return self.examples[cid]
-
-
-class _Recording:
-    """An executor that keeps the clients' results."""
-
-    def __init__(self) -> None:
-        self.inner = LocalExecutor()
-        self.results = []
-
-    def map(self, work, data, tasks):
-        for res in self.inner.map(work, data, tasks):
-            self.results.append(res)
-            yield res
-
-
 def _round(make, aggregator, state, data, **kw):
     """One round of ``make(...)`` from ``state``: the new state and each client's sent tensors,
     decoded by the policy's codec (the inner codec under error feedback: the same bytes)."""
-    ex = _Recording()
-    algo = make(_mlp, SGD, SERVER, aggregator, executor=ex, **kw)
+    ex = RecordingExecutor()
+    algo = make(tiny_mlp, SGD, SERVER, aggregator, executor=ex, **kw)
     new, _ = algo.next(state if state is not None else algo.init(), data, data.client_ids)
     sent = {}
     for res in ex.results:
@@ -92,7 +61,7 @@ def _two_rounds_by_hand(make, sub, put, **kw):
     """Two rounds with sign + error feedback against the hand computation;
     ``sub(name, t, round)`` is client a's sent layout of ``t`` (model's shape),
     ``put(name, full, value, round)`` writes it back. Returns the residuals."""
-    data = _Vectors()
+    data = VectorClients()
     ef = fedzip.mean(sign_ef())
     _, x1 = _round(make, None, None, data, **kw)  # float32: the sub-updates themselves
     s1, c1 = _round(make, ef, None, data, **kw)
@@ -123,7 +92,7 @@ DROPOUT = {"keep": 0.5, "seed": 1}
 
 def _units(round_num: int) -> torch.Tensor:
     """Client a's kept hidden units in ``round_num`` (layer "0" of the MLP)."""
-    plan = federated_dropout(_mlp, SGD, SERVER, **DROPOUT).space.plan
+    plan = federated_dropout(tiny_mlp, SGD, SERVER, **DROPOUT).space.plan
     return torch.from_numpy(kept_units(plan, {"fc": 0.5, "conv": 0.5, "lstm": 0.5}, 1, round_num, "a")["0"])
 
 
@@ -170,7 +139,7 @@ def _mask(name: str, shape, round_num: int) -> torch.Tensor | None:
     """Client a's mask of ``name`` (flat indices; None: sent whole)."""
     if len(shape) < 2:
         return None
-    return random_mask_updates(_mlp, SGD, SERVER, **MASK).space.draw(name, tuple(shape), "a", round_num, 1)
+    return random_mask_updates(tiny_mlp, SGD, SERVER, **MASK).space.draw(name, tuple(shape), "a", round_num, 1)
 
 
 def _mask_sub(name, t, round_num):
@@ -214,15 +183,15 @@ def test_fedavg_with_error_feedback_is_error_feedback_alone(monkeypatch):
 
     monkeypatch.setattr(client_mod, "gather_codec_state", refuse)
     monkeypatch.setattr(client_mod, "scatter_codec_state", refuse)
-    data = _Vectors()
+    data = VectorClients()
     codec = ErrorFeedback(UniformQuantization(bits=2))
     make = functools.partial(fedzip.weighted_fedavg, seed=2)
     state = None
     expected = {cid: {} for cid in data.client_ids}
     for round_num in (1, 2):
         _, x = _round(make, None, state, data)  # the updates, from the same model
-        ex = _Recording()
-        algo = make(_mlp, SGD, SERVER, fedzip.mean(codec), executor=ex)
+        ex = RecordingExecutor()
+        algo = make(tiny_mlp, SGD, SERVER, fedzip.mean(codec), executor=ex)
         state, _ = algo.next(state if state is not None else algo.init(), data, data.client_ids)
         for res in ex.results:
             cid = res.client_id
@@ -246,15 +215,15 @@ def test_fedavg_with_error_feedback_is_error_feedback_alone(monkeypatch):
 def test_lowrank_and_unreachable_residuals_stay_refused_with_the_reason():
     ef = fedzip.mean(sign_ef())
     with pytest.raises(ConfigError, match="A is redrawn every round"):
-        lowrank_updates(_mlp, SGD, SERVER, ef)
+        lowrank_updates(tiny_mlp, SGD, SERVER, ef)
     for make in (federated_dropout, random_mask_updates):
-        make(_mlp, SGD, SERVER, ef)  # composes now
+        make(tiny_mlp, SGD, SERVER, ef)  # composes now
         # under a rotation the residual would be on the rotated coordinates: nothing can carry it
         with pytest.raises(ConfigError, match="put ErrorFeedback outermost"):
-            make(_mlp, SGD, SERVER, fedzip.mean(RandomRotation(ErrorFeedback(UniformQuantization(4)))))
+            make(tiny_mlp, SGD, SERVER, fedzip.mean(RandomRotation(ErrorFeedback(UniformQuantization(4)))))
         # encoded sums add code i of every client: here those are different coordinates
         with pytest.raises(ConfigError, match="different model coordinates"):
-            make(_mlp, SGD, SERVER, fedzip.mean(SharedScaleQuantization(4), weighted=False))
+            make(tiny_mlp, SGD, SERVER, fedzip.mean(SharedScaleQuantization(4), weighted=False))
 
 
 # --------------------------------------------------------------------------
@@ -262,12 +231,12 @@ def test_lowrank_and_unreachable_residuals_stay_refused_with_the_reason():
 # --------------------------------------------------------------------------
 
 
-def _tiny_image_mlp() -> nn.Module:
+def _tiny_imagetiny_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10))
 
 
 def _dropout_ef(executor) -> fedzip.FederatedAlgorithm:
-    return federated_dropout(_tiny_image_mlp, SGD, SERVER, fedzip.mean(ErrorFeedback(UniformQuantization(2))),
+    return federated_dropout(_tiny_imagetiny_mlp, SGD, SERVER, fedzip.mean(ErrorFeedback(UniformQuantization(2))),
                              keep=0.5, seed=4, executor=executor,
                              preprocess=fedzip.Preprocess(batch_size=8, epochs=1, shuffle_buffer=100))
 
