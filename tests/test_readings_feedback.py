@@ -224,6 +224,12 @@ def test_lowrank_and_unreachable_residuals_stay_refused_with_the_reason():
         # encoded sums add code i of every client: here those are different coordinates
         with pytest.raises(ConfigError, match="different model coordinates"):
             make(tiny_mlp, SGD, SERVER, fedzip.mean(SharedScaleQuantization(4), weighted=False))
+        # a robust rule compares whole updates; secure aggregation sums whole-model codes: refused when
+        # built, not by every client failing in the first round
+        with pytest.raises(ConfigError, match="median compares whole updates"):
+            make(tiny_mlp, SGD, SERVER, fedzip.median())
+        with pytest.raises(ConfigError, match="secure aggregation sums"):
+            make(tiny_mlp, SGD, SERVER, fedzip.secure_mean(SharedScaleQuantization(4)))
 
 
 # --------------------------------------------------------------------------
@@ -231,12 +237,12 @@ def test_lowrank_and_unreachable_residuals_stay_refused_with_the_reason():
 # --------------------------------------------------------------------------
 
 
-def _tiny_imagetiny_mlp() -> nn.Module:
+def _tiny_image_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10))
 
 
 def _dropout_ef(executor) -> fedzip.FederatedAlgorithm:
-    return federated_dropout(_tiny_imagetiny_mlp, SGD, SERVER, fedzip.mean(ErrorFeedback(UniformQuantization(2))),
+    return federated_dropout(_tiny_image_mlp, SGD, SERVER, fedzip.mean(ErrorFeedback(UniformQuantization(2))),
                              keep=0.5, seed=4, executor=executor,
                              preprocess=fedzip.Preprocess(batch_size=8, epochs=1, shuffle_buffer=100))
 

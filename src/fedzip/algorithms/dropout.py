@@ -501,7 +501,18 @@ def _check_aggregator(algo: FederatedAlgorithm, no_feedback: str | None = None) 
     from fedzip.codecs.feedback import unmapped_feedback
 
     agg = algo.aggregator
-    if getattr(agg, "accumulator_kind", None) is None and agg.policy.summable():
+    if getattr(agg, "secure", None) is not None:
+        raise ConfigError(f"{algo.name}: secure aggregation sums every client's masked codes for the whole "
+                          "model, but here each client sends its own coordinates (other units, another mask "
+                          "or A): the server could not map a sum back. Use a mean decoded per client")
+    from fedzip.robust import RobustRule  # (robust imports the aggregators, not this module)
+
+    kind = getattr(agg, "accumulator_kind", None)
+    if isinstance(kind, RobustRule):
+        raise ConfigError(f"{algo.name}: {kind.name} compares whole updates of the clients, but here each "
+                          "client holds only its own coordinates (the mean is taken per coordinate over the "
+                          "clients that held it); use a mean")
+    if kind is None and agg.policy.summable():
         raise ConfigError(f"{algo.name}: a summable codec's codes are added coordinate by coordinate before "
                           "anything is decoded, but here code i of one client and code i of another are "
                           "different model coordinates (other units, another mask or A): only the server "
