@@ -567,9 +567,10 @@ class StreamingMean(Accumulator):
                     self.coord_weights[k].add_(held.to(torch.float64), alpha=weight)
         self.weight_sum += weight
         self.count += 1
-        self._in_block += small
-        if self._in_block == self.BLOCK:
-            self._flush()
+        if small:
+            self._in_block += 1
+            if self._in_block == self.BLOCK:
+                self._flush()
 
     def _flush(self) -> None:
         """Add the float32 block into the float64 sums and clear it."""

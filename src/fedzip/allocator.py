@@ -9,8 +9,10 @@ round, gives the free pages back (``malloc_trim``) when the round left the
 resident memory more than ``slack`` above what it was after the last trim:
 the resident memory after every round then stays within ``slack`` of the
 live memory, and most rounds pay nothing (a trim costs about 10 ms, and the
-next round page faults what it takes again). Elsewhere than glibc on Linux it
-does nothing.
+next round page faults what it takes again). :func:`keep_heap` keeps what
+one client frees for the next within a round, and :func:`limit_arenas` bounds
+the heaps a worker process keeps. Elsewhere than glibc on Linux they do
+nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,36 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["RoundTrim", "keep_heap", "resident_bytes"]
+__all__ = ["RoundTrim", "keep_heap", "limit_arenas", "resident_bytes"]
 
 # mallopt parameters (glibc's malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _kept = False
+
+
+def _libc(name: str, argtypes: list[Any], restype: Any) -> Callable[..., int] | None:
+    """glibc's function ``name`` (None elsewhere)."""
+    try:
+        fn = getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc
+        return None
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+def _mallopt(settings: list[tuple[int, int]]) -> bool:
+    """Apply ``(param, value)`` settings with ``mallopt``; True when all took."""
+    mallopt = _libc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def limit_arenas(arenas: int = 2) -> bool:
+    """At most ``arenas`` malloc arenas in this process (glibc makes one per
+    thread by default, each keeping freed memory of its own); True when applied."""
+    return _mallopt([(_M_ARENA_MAX, arenas)])
 
 
 def keep_heap(pad: int = 64 * 2**20, mmap_threshold: int = 32 * 2**20) -> bool:
@@ -43,18 +69,10 @@ def keep_heap(pad: int = 64 * 2**20, mmap_threshold: int = 32 * 2**20) -> bool:
     True when the settings were applied.
     """
     global _kept
-    if _kept:
-        return True
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TOP_PAD, pad), (_M_TRIM_THRESHOLD, 2**31 - 1)))
-    _kept = ok
-    return ok
+    if not _kept:
+        _kept = _mallopt([(_M_MMAP_THRESHOLD, mmap_threshold), (_M_TOP_PAD, pad),
+                          (_M_TRIM_THRESHOLD, 2**31 - 1)])
+    return _kept
 
 
 def resident_bytes() -> int | None:
@@ -66,16 +84,6 @@ def resident_bytes() -> int | None:
         return None
 
 
-def _glibc_trim() -> Callable[[int], int] | None:
-    try:
-        fn = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 class RoundTrim:
     """Call after each round: trims the C heap when the resident memory grew by
     more than ``slack`` bytes since the last trim (see the module doc).
@@ -85,7 +93,9 @@ class RoundTrim:
                  trim: Callable[[int], int] | None | bool = True) -> None:
         self.slack = slack
         self._rss = rss
-        self._trim = _glibc_trim() if trim is True else (trim or None)
+        if trim is True:
+            trim = _libc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+        self._trim = trim or None
         self._base: int | None = None
         self.trims = 0
 

@@ -196,12 +196,12 @@ def _worker_main(conn: Any, threads: int) -> None:
     """The body of a worker process: setup, broadcasts and tasks, in order."""
     import torch
 
-    _tune_malloc()
+    from fedzip.allocator import RoundTrim, keep_heap, limit_arenas
+
+    limit_arenas(2)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # once per process, before any parallel work
         torch.set_num_interop_threads(1)
-    from fedzip.allocator import RoundTrim, keep_heap
-
     keep_heap()
     trim = RoundTrim()  # a worker's resident memory stays flat too
     inbox: queue.Queue = queue.Queue()
@@ -253,18 +253,6 @@ def _worker_main(conn: Any, threads: int) -> None:
                            elapsed))
             res = task = None
             trim()
-
-
-def _tune_malloc() -> None:
-    """glibc malloc in a worker: at most 2 arenas (one per thread by default,
-    each keeping freed memory of its own)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 # --------------------------------------------------------------------------
