@@ -186,9 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     result = run_sweep(sweep, out, jobs=args.jobs, threads=threads)
     rows = summarize(result, wanted)
 
-    base = next((r for r in rows if r["label"] == "float32"), None)
+    base = print_table(rows, seeds)
+    (out / "summary.json").write_text(json.dumps(_clean(rows), indent=1))
+    plot(rows, out / "accuracy_vs_bits.png")
+    print(f"\nplot: {out / 'accuracy_vs_bits.png'}; per run: {out / 'results.csv'}")
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; run again to resume them")
+    if base is not None:
+        print(goal_line(rows, base, seeds, GOAL_POINTS, GOAL_RATIO))
+    return 1 if result.failed else 0
+
+
+def print_table(rows: list[dict], seeds: list[int], reference: str = "float32") -> dict | None:
+    """The table over seeds (mean ± sd, the paired difference to ``reference``
+    with its 95% t-interval); sets each row's ``d_ci95``; returns the reference row."""
+    base = next((r for r in rows if r["label"] == reference), None)
     print(f"\nover seeds {seeds}: mean ± standard deviation (sample sd); d: the paired difference in last-3 "
-          "accuracy to float32 (same seed, same clients), points, with its 95% t-interval")
+          f"accuracy to {reference} (same seed, same clients), points, with its 95% t-interval")
     print(f"{'setting':13s} {'n':>2s} {'final acc':>17s} {'95% t-interval':>17s} {'last 3':>17s} {'uplink':>12s}"
           f" {'x fewer':>8s} {'downlink':>12s} {'x fewer':>8s}  {'d(last 3)':>17s} {'d 95% t-interval':>17s}")
     for r in rows:
@@ -203,27 +217,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{_pm(r['last3'], r['last3_sd']):>17s} {format_bits(r['up']):>12s} "
               f"{up_ratio:8.1f} {format_bits(r['down']):>12s} {down_ratio:8.1f}  "
               f"{_pm(delta, delta_sd, 100, 2) + ' pt':>17s} {d_ci:>17s}")
-    (out / "summary.json").write_text(json.dumps(_clean(rows), indent=1))
-    plot(rows, out / "accuracy_vs_bits.png")
-    print(f"\nplot: {out / 'accuracy_vs_bits.png'}; per run: {out / 'results.csv'}")
-    if result.failed:
-        print(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)}; run again to resume them")
-    if base is None:
-        return 1 if result.failed else 0
-    # "within 0.5 point" is claimed only where the interval says so: the lower
-    # end of the 95% t-interval of the paired difference is above -0.5 points
-    ok = [r for r in rows if r is not base and base["up"] / r["up"] >= GOAL_RATIO
-          and math.isfinite(r["d_ci95"][1]) and 100 * r["d_ci95"][1] >= -GOAL_POINTS]
+    return base
+
+
+def goal_line(rows: list[dict], base: dict, seeds: list[int], points: float, ratio: float) -> str:
+    """The goal: within ``points`` of the reference at ``ratio``x fewer uplink bits
+    or more, claimed only where the interval says so: the lower end of the 95%
+    t-interval of the paired difference is above -``points``."""
+    ok = [r for r in rows if r is not base and base["up"] / r["up"] >= ratio
+          and math.isfinite(r["d_ci95"][1]) and 100 * r["d_ci95"][1] >= -points]
     best = max(ok, key=lambda r: base["up"] / r["up"]) if ok else None
-    goal = (f"goal (within {GOAL_POINTS} pt of float32 at >= {GOAL_RATIO:.0f}x fewer uplink bits: the lower end "
-            f"of the 95% t-interval of the paired difference above -{GOAL_POINTS} pt)")
+    goal = (f"goal (within {points} pt of {base['label']} at >= {ratio:.0f}x fewer uplink bits: the lower end "
+            f"of the 95% t-interval of the paired difference above -{points} pt)")
     if best:
-        print(f"{goal}: met by {', '.join(r['label'] for r in ok)}; best ratio {base['up'] / best['up']:.1f}x "
-              f"({best['label']}, d {100 * best['d_ci95'][0]:+.2f} pt, interval "
-              f"[{100 * best['d_ci95'][1]:+.2f}, {100 * best['d_ci95'][2]:+.2f}])")
-    else:
-        print(f"{goal}: not met (one seed gives no interval)" if len(seeds) < 2 else f"{goal}: not met")
-    return 1 if result.failed else 0
+        return (f"{goal}: met by {', '.join(r['label'] for r in ok)}; best ratio {base['up'] / best['up']:.1f}x "
+                f"({best['label']}, d {100 * best['d_ci95'][0]:+.2f} pt, interval "
+                f"[{100 * best['d_ci95'][1]:+.2f}, {100 * best['d_ci95'][2]:+.2f}])")
+    return f"{goal}: not met (one seed gives no interval)" if len(seeds) < 2 else f"{goal}: not met"
 
 
 def _clean(obj):
@@ -258,7 +268,8 @@ def _delta_interval(r: dict, base: dict | None) -> tuple[float, float, float]:
     return t_interval([r["last3_by_seed"][s] - base["last3_by_seed"][s] for s in shared])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path,
+         title: str = "FedAvg: accuracy against uplink bits (mean over seeds, band: 95% t-interval)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bits")
     ax.set_ylabel("test accuracy")
-    ax.set_title("FedAvg: accuracy against uplink bits (mean over seeds, band: 95% t-interval)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

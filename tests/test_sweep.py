@@ -48,7 +48,7 @@ def test_a_2x2x2_sweep_writes_8_rows_and_a_rerun_resumes_the_cut_run_and_skips_t
     sweep = Sweep.from_dict({"name": "tiny", "base": BASE, "grid": GRID})
     out = tmp_path / "sweep"
     said: list[str] = []
-    first = run_sweep(sweep, out, jobs=0, say=said.append)
+    first = run_sweep(sweep, out, jobs=0, say=said.append, keep_checkpoints=2)
     names = [f"client_lr={lr},bits={b},seed={s}" for lr in (0.1, 0.5) for b in (2, 4) for s in (0, 1)]
     assert [r.name for r in first.runs] == names
     assert first.status == dict.fromkeys(names, "ran") and not first.failed
@@ -114,6 +114,17 @@ def test_a_2x2x2_sweep_writes_8_rows_and_a_rerun_resumes_the_cut_run_and_skips_t
     # a third time: nothing to do
     third = run_sweep(sweep, out, jobs=0, say=said.append)
     assert set(third.status.values()) == {"skipped"}
+
+
+def test_a_finished_run_keeps_only_its_newest_checkpoints(tmp_path, sweep_module):
+    sweep = Sweep.from_dict({"name": "keep", "base": {**BASE, "rounds": 3}, "grid": {"seed": [0]}})
+    run_sweep(sweep, tmp_path / "one", jobs=0, say=lambda _: None)
+    kept = checkpoint.list_checkpoints(checkpoint.checkpoint_dir(tmp_path / "one" / "seed=0"))
+    assert [p.name for p in kept] == ["round-000003.ckpt"]          # rounds 1 and 2 were written, then pruned
+    run_sweep(sweep, tmp_path / "none", jobs=0, say=lambda _: None, keep_checkpoints=0)
+    assert checkpoint.list_checkpoints(checkpoint.checkpoint_dir(tmp_path / "none" / "seed=0")) == []
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        run_sweep(sweep, tmp_path / "bad", jobs=0, say=lambda _: None, keep_checkpoints=-1)
 
 
 @pytest.mark.slow

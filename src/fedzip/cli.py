@@ -149,7 +149,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(sweep, args.logdir, jobs=args.jobs, backend=args.backend, threads=args.threads,
                            ray_address=args.ray_address, dry_run=args.dry_run, metric=args.metric,
-                           confidence=args.confidence)
+                           confidence=args.confidence, keep_checkpoints=args.keep_checkpoints)
     except KeyboardInterrupt:
         print("fedzip: sweep interrupted: run the same command again to resume it", file=sys.stderr)
         return 130
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="the metric of the per-setting table and the plot")
     p_sweep.add_argument("--confidence", type=float, default=0.95,
                          help="confidence of the t-interval over seeds")
+    p_sweep.add_argument("--keep-checkpoints", type=int, default=1,
+                         help="newest checkpoints kept of each finished run (0: none; default 1)")
     p_sweep.add_argument("--dry-run", action="store_true",
                          help="check the grid, list the runs and what would happen to each; run nothing")
     p_sweep.set_defaults(fn=cmd_sweep)

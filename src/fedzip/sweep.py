@@ -49,7 +49,8 @@ starts: a path that does not exist, an unknown field or a value of the
 wrong type anywhere (deep in a nested codec too) fails with one error
 naming the path and the grid point. Sweep runs checkpoint
 (``checkpoint_every``: the base's, or ``max(1, rounds // 10)`` if it is 0),
-so that ``resume`` works.
+so that ``resume`` works; once a run is complete only its newest checkpoint
+is kept (``keep_checkpoints``, ``--keep-checkpoints``).
 
 Runs and their folders
 ----------------------
@@ -115,6 +116,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedzip.checkpoint import checkpoint_dir, prune
 from fedzip.compare import DOWN, UP, column, read_run, summarize_run, write_csv
 from fedzip.config import RunConfig, _parse_spec
 from fedzip.errors import ConfigError
@@ -661,6 +663,7 @@ def run_sweep(
     dry_run: bool = False,
     metric: str = "eval/accuracy",
     confidence: float = 0.95,
+    keep_checkpoints: int = 1,
     say: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run a sweep (see the module doc) and write its table and plot.
@@ -670,7 +673,11 @@ def run_sweep(
     ``local`` (a subprocess per run) or ``ray`` (a Ray task per run, on
     ``ray_address`` or a local Ray; ``jobs`` caps the runs in flight, default
     all). ``threads``: torch threads per run (default the cores over
-    ``jobs``)."""
+    ``jobs``). ``keep_checkpoints``: how many of a finished run's newest
+    checkpoints to keep (default 1, enough to extend it with more rounds; 0
+    deletes them): a run's state can be large (error feedback keeps a
+    residual per client, 1.8 GB for the seed CNN's 284 writers), and a grid of
+    them would otherwise hold several per run."""
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     if backend not in BACKENDS:
@@ -681,6 +688,8 @@ def run_sweep(
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 0:
+        raise ConfigError(f"keep_checkpoints must be an integer >= 0, got {keep_checkpoints!r}")
     if backend == "ray" and jobs == 0:
         raise ConfigError("jobs 0 (in this process) works with backend 'local' only")
     runs = sweep.runs()                       # every config checked before anything starts
@@ -724,6 +733,7 @@ def run_sweep(
         done[0] += 1
         resumed = plans[r.name] == "resume"
         if code == 0:
+            prune(checkpoint_dir(rundir), keep_checkpoints)
             status[r.name] = "resumed" if resumed else "ran"
             _, history = read_run(rundir)
             last = next((m[metric] for m in reversed(history) if m.get(metric) is not None), None)
