@@ -19,45 +19,68 @@ writers, from ``../shared/data/unipen``; skipped with a message if absent),
 the 62-class CNN, batch 20, one local epoch, client SGD; and Shakespeare by
 (play, role) (``dataset="shakespeare"``, 1,154 clients), the character LSTM,
 batch 4, one epoch, at most ``--max-batches`` batches a client and round.
-10 clients a round. Each data set is loaded once and shared by its runs.
+10 clients a round.
 
-Runs: the variants of one algorithm (float32, eden1, ...) and seed run
-interleaved round by round in one process (one torch thread, one run training
-at a time), so their seconds per round are measured under the same machine
-load; algorithms run one after the other (their seconds per round compare
-less well: the load of a shared machine drifts). Every run of a seed samples
-the same clients each round (checked from the examples trained per round).
+Runs: one sweep (:mod:`fedzip.sweep`) per data set, into ``OUT/<dataset>``:
+one variant per (algorithm, uplink) pair, labelled ``fedavg.float32``,
+``scaffold.eden1+cc`` and so on (a run folder's name holds ``A-Za-z0-9._+-``,
+so no ``/``), crossed with the seeds (``--seeds``, default 0,1,2). Every run
+is a process of its own that loads its data itself, ``--jobs`` at a time
+(default 2, or the number of cores if fewer) with ``--threads`` torch threads
+each (default the cores over the jobs). Running the command again skips the
+runs that completed and resumes the interrupted ones from their newest
+checkpoint (three a run), so an interrupted benchmark goes on where it
+stopped. A seed changes the clients sampled, the model's initialization, the
+codecs' randomness and the sample of test clients; every run of a seed
+samples the same clients each round (checked from the examples trained per
+round), so within a seed only the algorithm and the uplink differ. Seconds
+per round compare less well than accuracy and bits: the runs of an algorithm
+run at different times, each beside another run, so a drifting machine load
+(a shared machine's) shows up in their times.
+
+Checkpoints: SCAFFOLD keeps a model-sized ``c_i`` for every client it has
+sampled, and its checkpoints hold them (about 1.5 GB after 30 UNIPEN rounds).
+A run's checkpoints are therefore deleted once it completes
+(``--keep-checkpoints N`` keeps its newest N); a completed run then asked for
+more rounds starts again from round 0.
 
 Evaluation every ``--eval-every`` rounds (default: a fifth of the rounds) and
-after the last on a *fixed* sample of test clients, pooled (``--eval-clients``;
-the same examples for every run and seed). The table gives the accuracy after
-the last round and the mean of the last three evaluations (``last3``), its
-difference to the same algorithm's float32 run (``d``, points), the
-cumulative uplink (aggregated) and downlink (broadcasted) bits counted from
-the bytes on the wire, how many times fewer uplink bits than that float32 run,
-and the median seconds per round (training, encoding and the server step; not
-evaluation); then the bits itemized by tensor group in bits per model
-parameter and client (from ``aggregated_bits/group/*`` and
-``broadcasted_bits/group/*``); then, per compressed run, the goal: within 1
+after the last, on 100 test clients pooled (the ``eval_clients`` field: a
+sample drawn from the run's seed, the same at every evaluation and in every
+run of that seed). The table gives, per data set, algorithm and uplink, over
+the seeds: the accuracy after the last round and the mean of the last three
+evaluations (``last3``) as mean ± sample standard deviation (n - 1); ``d``,
+the paired difference in last-3 accuracy to the same algorithm's float32 run
+of the same seed, in points, mean ± sd with its 95% t-interval
+(:func:`fedzip.sweep.t_interval`); the cumulative uplink (aggregated) and
+downlink (broadcasted) bits counted from the bytes on the wire and how many
+times fewer than that float32 run; the median seconds per round (training,
+encoding and the server step; not evaluation) over every round of every
+seed. Then the bits itemized by tensor group in bits per model parameter,
+client and round (from ``aggregated_bits/group/*`` and
+``broadcasted_bits/group/*``); then, per compressed row, the goal: within 1
 point of its float32 run at 32x fewer uplink bits (1 bit for 32: with EDEN's
 per-block scales, seeds and padding the measured ratio is about 31x, counted
-as meeting it from 31x). With fewer than 3 seeds the accuracy half of the goal
-is not decided (run-to-run noise on these data is 1-2.5 points): the line
-says so; with 3 or more, "within" needs the mean paired difference minus two
-standard errors above -1 point. A float32 run whose last-3 accuracy stays
-under 0.10 learned nothing, and its compressed runs get no verdict. A plot
-per data set (accuracy against rounds and against cumulative uplink bits),
-``table.txt`` and ``summary.json`` go to ``--out``.
+as meeting it from 31x). "Within" is claimed only where the lower end of the
+95% t-interval of ``d`` is above -1 point; with fewer than 2 seeds there is no
+interval and the accuracy half is "not decided". A float32 run whose last-3
+accuracy stays under 0.10 learned nothing, and its compressed rows get no
+verdict. A plot per data set (accuracy against rounds and against cumulative
+uplink bits: the mean over seeds with its 95% t-interval as a band),
+``table.txt`` and ``summary.json`` go to ``--out``; each sweep's own
+``results.csv`` and ``groups.csv`` to ``OUT/<dataset>``.
 
 Hyperparameters (``HPARAMS``): chosen with ``--tune`` (float32 runs over the
-grids in ``TUNE``, short); see the comments there and the README section.
+grids in ``TUNE``, short, one seed by default, through a sweep too, into
+``OUT/tune``); see the comments there and the README section.
 
-    python benchmarks/algorithms.py [--rounds unipen=30,shakespeare=20] [--seeds 0[,1,2]]
+    python benchmarks/algorithms.py [--rounds unipen=30,shakespeare=20] [--seeds 0,1,2]
                                     [--datasets unipen,shakespeare] [--algorithms fedavg,scaffold]
-                                    [--variants float32,eden1] [--eval-every N] [--out runs/algorithms]
+                                    [--variants float32,eden1] [--eval-every N] [--jobs 2] [--threads 1]
+                                    [--out runs/algorithms_sweep]
     python benchmarks/algorithms.py --tune --rounds unipen=12 --algorithms fedavg,fedsgd
     python benchmarks/algorithms.py --datasets unipen --algorithms mime --hp mime:beta=0.5,client_lr=0.05
-    python benchmarks/algorithms.py --replot     # redraw the plots from OUT/summary.json
+    python benchmarks/algorithms.py --replot     # redraw the plots and the table from OUT/summary.json
 """
 
 from __future__ import annotations
@@ -65,30 +88,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from fedzip.config import RunConfig
-from fedzip.data import load_dataset
-from fedzip.data.federated import ClientExamples
-from fedzip.data.unipen import UNIPEN_NPZ, default_unipen_root
-from fedzip.metrics import format_bits
-from fedzip.run import run
+from fedzip.errors import ConfigError
+from fedzip.metrics import format_bits, read_jsonl
+from fedzip.sweep import Sweep, SweepResult, run_sweep, t_interval
 
 CLIENTS_PER_ROUND = 10
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 EDEN1: dict[str, Any] = {"type": "eden", "bits": 1}
 GOAL_POINTS, GOAL_RATIO, RATIO_COUNTED = 1.0, 32.0, 31.0
 NOT_LEARNED = 0.10  # a float32 run below this last-3 accuracy learned nothing to compare against
-EVAL_SAMPLE_SEED = 20240601  # the fixed test-client sample: the same for every run and seed
+CHECKPOINTS_PER_RUN = 3  # enough to resume; SCAFFOLD's are large (its per-client c_i)
 DATASETS = ("unipen", "shakespeare")
 
 #: per data set: the run settings every algorithm shares
@@ -202,95 +220,91 @@ def algorithm_fields(name: str, variant: str, num_clients: int, extra: dict[str,
 
 
 def variants_of(name: str, wanted: list[str]) -> list[str]:
+    """The uplink variants of ``wanted`` that algorithm ``name`` has (the extra-group ones are
+    SCAFFOLD's and Mime-lite's alone)."""
     return [v for v in wanted if v in ("float32", "eden1") or EXTRA_VARIANT.get(v) == name]
 
 
-class Baton:
-    """Round-by-round turns: one run at a time trains, in a fixed rotation."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.order = list(names)
-        self.turn = 0
-        self.cond = threading.Condition()
-
-    def wait(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: not self.order or self.order[self.turn] == name)
-
-    def pass_on(self, name: str, finished: bool = False) -> None:
-        with self.cond:
-            i = self.order.index(name)
-            if finished:
-                self.order.pop(i)
-                self.turn = i % len(self.order) if self.order else 0
-            else:
-                self.turn = (i + 1) % len(self.order)
-            self.cond.notify_all()
+# --------------------------------------------------------------------------
+# The sweeps
+# --------------------------------------------------------------------------
 
 
-def fixed_test_examples(test: Any, k: int) -> tuple[ClientExamples, int]:
-    """``k`` test clients drawn once (all for ``k = 0``), their examples pooled."""
-    ids = list(test.client_ids)
-    if k and k < len(ids):
-        idx = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(len(ids), size=k, replace=False))
-        ids = [ids[int(i)] for i in idx]
-    parts = [test.client(c) for c in ids]
-    parts = [p for p in parts if len(p)]
-    return ClientExamples(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])), len(ids)
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One (algorithm, uplink) pair of a data set: a variant of its sweep."""
+
+    label: str                    # the sweep's variant label, "<algorithm>.<uplink>"
+    algorithm: str                # the table's algorithm: its name, with [key=value,...] if overridden
+    variant: str                  # float32, eden1, eden1+cc, eden1+gc
+    tune: dict[str, Any] | None   # the --tune or --hp settings over HPARAMS
+    fields: dict[str, Any]        # RunConfig fields over the data set's base
 
 
-def load(dataset: str, eval_clients: int) -> tuple[Any, ClientExamples, Any] | None:
+def plan_entries(dataset: str, names: list[str], variants: list[str], overrides: dict[str, dict[str, Any]],
+                 tune: bool, num_clients: int) -> list[Entry]:
+    """Every (algorithm, uplink) pair of one data set; with ``tune``, one per TUNE setting."""
+    out = []
+    for name in names:
+        grid = TUNE.get(name, [{}]) if tune else [overrides.get(name, {})]
+        for over in grid:
+            both = {**HPARAMS[dataset][name], **over}
+            # RunConfig fields; the rest are the algorithm's own arguments (beta, mu)
+            hp = {k: v for k, v in both.items() if k in RUN_FIELDS}
+            alg_args = {k: v for k, v in both.items() if k not in RUN_FIELDS}
+            tag = ",".join(f"{k}={v:g}" for k, v in over.items())
+            label = f"{name}[{tag}]" if tag else name
+            for variant in variants_of(name, variants):
+                fields = {**hp, **algorithm_fields(name, variant, num_clients, alg_args)}
+                out.append(Entry(f"{label}.{variant}", label, variant, dict(over) or None, fields))
+    return out
+
+
+def base_fields(dataset: str, rounds: int, eval_every: int, max_batches: int | None) -> dict[str, Any]:
+    """The RunConfig fields every run of a data set shares."""
+    settings = DATA_SETTINGS[dataset]
+    return {"dataset": dataset, "rounds": rounds, "clients_per_round": CLIENTS_PER_ROUND,
+            "batch_size": settings["batch_size"], "epochs": 1, "max_batches": max_batches,
+            "eval_every": eval_every, "eval_clients": settings["eval_clients"],
+            "checkpoint_every": max(1, rounds // CHECKPOINTS_PER_RUN)}
+
+
+def build_sweep(name: str, base: dict[str, Any], entries: list[Entry], seeds: list[int]) -> Sweep:
+    """One data set's benchmark as a sweep: a variant per entry, crossed with the seeds."""
+    return Sweep.from_dict({"name": name, "base": base, "grid": {"seed": seeds},
+                            "variants": {e.label: e.fields for e in entries}})
+
+
+def data_facts(dataset: str) -> tuple[int, int] | None:
+    """(training clients, model parameters) of a data set; None, with a message, where its data
+    is missing. SCAFFOLD needs the first, the bits per parameter the second."""
+    from fedzip.data import load_dataset
+    from fedzip.data.unipen import UNIPEN_NPZ, default_unipen_root
+    from fedzip.run import build_algorithm
+
     if dataset == "unipen" and not (default_unipen_root() / UNIPEN_NPZ).exists():
         print(f"skipped unipen: the UNIPEN data is not at {default_unipen_root()} (see ../shared/data/unipen)")
         return None
     try:
-        train, test, info = load_dataset(dataset)
-    except Exception as e:  # the offline Shakespeare needs its package
+        train, _, info = load_dataset(dataset)
+    except Exception as e:  # noqa: BLE001 - the offline Shakespeare needs its package
         print(f"skipped {dataset}: {type(e).__name__}: {e}")
         return None
-    pooled, n = fixed_test_examples(test, eval_clients)
-    print(f"data {dataset}: {info.description}; {len(train.client_ids)} training clients; evaluation on "
-          f"{n} fixed test clients ({len(pooled)} examples, pooled)", flush=True)
-    return train, pooled, info
+    params = build_algorithm(RunConfig(dataset=dataset), info).init().params
+    print(f"data {dataset}: {info.description}; {len(train.client_ids)} training clients", flush=True)
+    return len(train.client_ids), sum(int(v.numel()) for v in params.values())
 
 
-def run_group(jobs: list[dict[str, Any]], data: tuple, t_start: float) -> None:
-    """The jobs interleaved round by round (one trains at a time)."""
-    baton = Baton([j["key"] for j in jobs])
-
-    def work(job: dict[str, Any]) -> None:
-        key = job["key"]
-
-        def on_round(state, m: dict[str, Any]) -> None:
-            job["history"].append(m)
-            if "eval/accuracy" in m or m["round"] == 1:
-                acc = f"acc {m['eval/accuracy']:.4f}" if "eval/accuracy" in m else "acc   -   "
-                print(f"  [{key:34s}] round {m['round']:4d}  {acc}  train loss {m['train/loss']:.3f}  "
-                      f"up {format_bits(m['aggregated_bits/cumulative']):>11s}  "
-                      f"{m['time/round_s']:.2f} s/round  ({time.perf_counter() - t_start:.0f} s)", flush=True)
-            baton.pass_on(key)
-            baton.wait(key)
-
-        baton.wait(key)
-        try:
-            res = run(job["config"], logdir=job["logdir"], data=data, console=False, on_round=on_round)
-            job["num_params"] = sum(int(v.numel()) for v in res.state.params.values())
-        except BaseException as e:  # reported with the table
-            job["error"] = e
-        finally:
-            baton.pass_on(key, finished=True)
-
-    threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(1.0)
+# --------------------------------------------------------------------------
+# Per run, then per (algorithm, uplink) over the seeds
+# --------------------------------------------------------------------------
 
 
-def summarize(job: dict[str, Any]) -> dict[str, Any]:
-    hist = job["history"]
-    evals = [m for m in hist if "eval/accuracy" in m]
+def summarize_history(hist: list[dict[str, Any]], num_params: int,
+                      clients_per_round: int = CLIENTS_PER_ROUND) -> dict[str, Any]:
+    """One run's figures from its metrics.jsonl lines: accuracy, bits (in all and per tensor
+    group, per parameter, client and round), seconds per round and the examples per round."""
+    evals = [m for m in hist if m.get("eval/accuracy") is not None]
     last3 = [m["eval/accuracy"] for m in evals[-3:]]
     groups: dict[str, dict[str, int]] = {"up": {}, "down": {}}
     for m in hist:
@@ -303,20 +317,256 @@ def summarize(job: dict[str, Any]) -> dict[str, Any]:
     for side, key in (("up", "aggregated_bits/tensors"), ("down", "broadcasted_bits/tensors")):
         if not groups[side]:
             groups[side]["model"] = sum(int(m.get(key, 0)) for m in hist)
+        # the model first, then the extra group (metrics.jsonl's keys come sorted)
+        groups[side] = dict(sorted(groups[side].items(), key=lambda kv: kv[0] != "model"))
+    per = num_params * len(hist) * clients_per_round
     return {
-        "dataset": job["dataset"], "algorithm": job["algorithm"], "variant": job["variant"],
-        "seed": job["seed"], "tune": job.get("tune"), "rounds": len(hist),
-        "final": evals[-1]["eval/accuracy"] if evals else float("nan"),
-        "last3": sum(last3) / len(last3) if last3 else float("nan"),
+        "rounds": len(hist), "num_params": num_params,
+        "final": evals[-1]["eval/accuracy"] if evals else math.nan,
+        "last3": sum(last3) / len(last3) if last3 else math.nan,
         "up": hist[-1]["aggregated_bits/cumulative"], "down": hist[-1]["broadcasted_bits/cumulative"],
-        "groups": groups, "num_params": job.get("num_params", 0),
-        "s_round": statistics.median(m["time/round_s"] for m in hist),
+        "groups": groups,
+        "bpp": {side: {g: b / per if per else math.nan for g, b in bits.items()} for side, bits in groups.items()},
+        "round_s": [m["time/round_s"] for m in hist],
         "eval_s": sum(m.get("time/eval_s", 0.0) for m in hist),
         "diverged": sum(int(m.get("train/diverged_clients", 0)) for m in hist),
         "examples": [m["train/num_examples"] for m in hist],
         "curve": [(m["round"], m["aggregated_bits/cumulative"], m["eval/accuracy"]) for m in evals],
-        "config": job["config"].to_dict(),
     }
+
+
+def collect(result: SweepResult, entries: list[Entry], dataset: str, num_params: int) -> list[dict[str, Any]]:
+    """One row per complete run of a data set's sweep, from its metrics.jsonl."""
+    meta = {e.label: e for e in entries}
+    table = {row["name"]: row for row in result.rows}
+    rows = []
+    for run in result.runs:
+        if table.get(run.name, {}).get("status") != "complete":
+            continue
+        e = meta[run.variant]
+        hist = read_jsonl(result.logdir / run.name / "metrics.jsonl")
+        if not hist:
+            continue
+        rows.append({"dataset": dataset, "algorithm": e.algorithm, "variant": e.variant, "seed": run.config.seed,
+                     "tune": e.tune, "run": run.name, "wall_s": table[run.name].get("wall_s"),
+                     **summarize_history(hist, num_params, run.config.clients_per_round),
+                     "config": run.config.to_dict()})
+    return rows
+
+
+def client_mismatches(rows: list[dict[str, Any]]) -> list[str]:
+    """The (data set, algorithm, seed) whose runs did not train the same examples round by round:
+    they did not sample the same clients, and their paired difference means less."""
+    first: dict[tuple[str, str, int], list[int]] = {}
+    bad = []
+    for r in rows:
+        key = (r["dataset"], r["algorithm"], r["seed"])
+        if first.setdefault(key, r["examples"]) != r["examples"] and key not in bad:
+            bad.append(key)
+    return [f"{ds} {alg} seed {s}" for ds, alg, s in bad]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for one value, both NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
+    """[round, mean cumulative uplink bits, mean accuracy, 95% t-interval low, high] at every
+    round all the runs evaluated."""
+    per_run = [{c[0]: c for c in r["curve"]} for r in runs]
+    rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    out = []
+    for rnd in rounds:
+        mean, low, high = t_interval([p[rnd][2] for p in per_run])
+        out.append([rnd, statistics.mean(p[rnd][1] for p in per_run), mean, low, high])
+    return out
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (data set, algorithm, uplink), over its seeds: accuracy mean ± sd, the paired
+    difference ``d`` to the same algorithm's float32 run of each seed (points) with its 95%
+    t-interval, bits and how many times fewer, the median seconds per round, the bits per group."""
+    per: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        per.setdefault((r["dataset"], r["algorithm"], r["variant"]), []).append(r)
+    refs = {(r["dataset"], r["algorithm"], r["seed"]): r for r in rows if r["variant"] == "float32"}
+    out = []
+    for (ds, alg, var), rs in per.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        pairs = [(r, refs[(ds, alg, r["seed"])]) for r in rs if (ds, alg, r["seed"]) in refs]
+        d = [100 * (r["last3"] - f["last3"]) for r, f in pairs] if var != "float32" else []
+        d_mean, d_low, d_high = t_interval(d)
+        final, final_sd = _mean_sd([r["final"] for r in rs])
+        last3, last3_sd = _mean_sd([r["last3"] for r in rs])
+        sides = {side: list(dict.fromkeys(g for r in rs for g in r["bpp"][side])) for side in ("up", "down")}
+        out.append({
+            "dataset": ds, "algorithm": alg, "variant": var, "tune": rs[0]["tune"], "n": len(rs),
+            "seeds": [r["seed"] for r in rs],
+            "final": final, "final_sd": final_sd, "last3": last3, "last3_sd": last3_sd,
+            "last3_by_seed": {str(r["seed"]): r["last3"] for r in rs},
+            "n_paired": len(d), "d": d_mean, "d_sd": _mean_sd(d)[1], "d_ci95": [d_low, d_high],
+            "d_by_seed": {str(r["seed"]): x for (r, _), x in zip(pairs, d, strict=False)},
+            "ref_last3": statistics.mean(f["last3"] for _, f in pairs) if pairs else math.nan,
+            "up": statistics.mean(r["up"] for r in rs), "down": statistics.mean(r["down"] for r in rs),
+            "x_fewer_up": statistics.mean(f["up"] / r["up"] for r, f in pairs) if pairs else math.nan,
+            "x_fewer_down": statistics.mean(f["down"] / r["down"] for r, f in pairs) if pairs else math.nan,
+            "s_round": statistics.median(t for r in rs for t in r["round_s"]),
+            "bpp": {side: {g: statistics.mean(r["bpp"][side].get(g, 0.0) for r in rs) for g in gs}
+                    for side, gs in sides.items()},
+            "groups": {side: {g: statistics.mean(r["groups"][side].get(g, 0) for r in rs) for g in gs}
+                       for side, gs in sides.items()},
+            "diverged": sum(r["diverged"] for r in rs),
+            "curve": mean_curve(rs),
+        })
+        out[-1]["goal"], out[-1]["verdict"] = goal(out[-1])
+    return out
+
+
+def goal(g: dict[str, Any]) -> tuple[str | None, str]:
+    """(status, the sentence) of a compressed row's goal: within GOAL_POINTS of its float32 at
+    >= RATIO_COUNTED x fewer uplink bits. Status: met, not met, not decided (fewer than 2 seeds:
+    no interval), no verdict (no float32 to compare, or one that learned nothing); None for float32."""
+    if g["variant"] == "float32":
+        return None, ""
+    if not g["n_paired"]:
+        return "no verdict", "no float32 run of the same seeds to compare with"
+    ratio = g["x_fewer_up"]
+    bits_ok = ratio >= RATIO_COUNTED
+    bits = f"{ratio:.1f}x fewer uplink bits, " + ("met" if bits_ok else f"MISSED (< {RATIO_COUNTED:g}x)")
+    low, high = g["d_ci95"]
+    interval = f"d {g['d']:+.2f} pt, 95% t-interval [{low:+.2f}, {high:+.2f}]"
+    if g["ref_last3"] < NOT_LEARNED:
+        return "no verdict", (f"the float32 runs did not learn (last3 {g['ref_last3']:.3f} < "
+                              f"{NOT_LEARNED:g}); {bits}")
+    if g["n_paired"] < 2:
+        return "not decided", (f"accuracy not decided (d {g['d']:+.2f} pt on one seed: no interval); {bits}")
+    if low > -GOAL_POINTS:
+        acc = f"accuracy within {GOAL_POINTS:g} pt ({interval}, {g['n_paired']} seeds: lower end above " \
+              f"-{GOAL_POINTS:g})"
+        return ("met" if bits_ok else "not met"), f"{acc}; {bits}"
+    acc = f"accuracy NOT shown within {GOAL_POINTS:g} pt ({interval}, {g['n_paired']} seeds: lower end not " \
+          f"above -{GOAL_POINTS:g})"
+    return "not met", f"{acc}; {bits}"
+
+
+# --------------------------------------------------------------------------
+# The table and the plot
+# --------------------------------------------------------------------------
+
+
+def _pm(m: float, sd: float, digits: int, sign: str = "") -> str:
+    """``m ± sd`` (``m`` alone where sd is not a number: one seed); ``sign="+"`` signs ``m``."""
+    if m is None or not math.isfinite(m):
+        return ""
+    return f"{m:{sign}.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None and math.isfinite(sd) else "")
+
+
+def report(groups: list[dict[str, Any]], tune: bool) -> list[str]:
+    """The table, the bits by tensor group and the goal lines."""
+    w = max(11, *(len(g["algorithm"]) for g in groups))
+    L = [f"{'data':11s} {'algorithm':{w}s} {'uplink':9s} {'n':>2s} {'final':>15s} {'last3':>15s} "
+         f"{'d(last3), pt':>14s} {'d 95% t-int.':>16s} {'uplink':>11s} {'x fewer':>7s} {'downlink':>11s} "
+         f"{'x fewer':>7s} {'s/round':>7s}"]
+    for g in groups:
+        base = g["variant"] == "float32"
+        lo, hi = g["d_ci95"]
+        ci = f"[{lo:+.2f}, {hi:+.2f}]" if lo is not None and math.isfinite(lo) else ""
+        div = f"  ({g['diverged']} diverged client-rounds)" if g["diverged"] else ""
+        L.append(f"{g['dataset']:11s} {g['algorithm']:{w}s} {g['variant']:9s} {g['n']:2d} "
+                 f"{_pm(g['final'], g['final_sd'], 4):>15s} {_pm(g['last3'], g['last3_sd'], 4):>15s} "
+                 f"{'' if base else _pm(g['d'], g['d_sd'], 2, '+'):>14s} {ci:>16s} {format_bits(g['up']):>11s} "
+                 f"{1.0 if base else g['x_fewer_up']:7.1f} {format_bits(g['down']):>11s} "
+                 f"{1.0 if base else g['x_fewer_down']:7.1f} {g['s_round']:7.2f}{div}")
+    if tune:
+        return L
+    L.append("\nbits itemized by tensor group, per model parameter, client and round, mean over seeds "
+             "(uplink = aggregated_bits/group/*, downlink = broadcasted_bits/group/*; framing and scalars "
+             "not in the groups):")
+    for g in groups:
+        up = " + ".join(f"{k} {v:.3f}" for k, v in g["bpp"]["up"].items())
+        down = " + ".join(f"{k} {v:.3f}" for k, v in g["bpp"]["down"].items())
+        up_tot = " + ".join(f"{k} {format_bits(v)}" for k, v in g["groups"]["up"].items())
+        L.append(f"{g['dataset']:11s} {g['algorithm']:{w}s} {g['variant']:9s} up: {up:34s} down: {down:30s}"
+                 f" (uplink {up_tot})")
+    L.append(f"\ngoal: within {GOAL_POINTS:g} pt of the same algorithm's float32 at {GOAL_RATIO:g}x fewer "
+             f"uplink bits (>= {RATIO_COUNTED:g}x measured); 'within' only where the lower end of the 95% "
+             f"t-interval of the paired difference d is above -{GOAL_POINTS:g} pt")
+    for g in groups:
+        if g["goal"] is not None:
+            L.append(f"{g['dataset']} {g['algorithm']} {g['variant']}: {g['goal'].upper()}: {g['verdict']}")
+    return L
+
+
+def plot(groups: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy against rounds and against cumulative uplink bits: each row's mean over seeds,
+    its 95% t-interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
+    colors = plt.get_cmap("tab10").colors
+    algs = list(dict.fromkeys(g["algorithm"] for g in groups))
+    styles = {"float32": "-", "eden1": "--", "eden1+cc": ":", "eden1+gc": ":"}
+    for g in groups:
+        if not g["curve"]:
+            continue
+        rounds, bits, acc, low, high = zip(*g["curve"], strict=True)
+        color = colors[algs.index(g["algorithm"]) % len(colors)]
+        label = f"{g['algorithm']} {g['variant']}" + (f" (n={g['n']})" if g["n"] > 1 else "")
+        for ax, xs in ((ax_r, rounds), (ax_b, bits)):
+            ax.plot(xs, acc, color=color, linestyle=styles.get(g["variant"], "-"), marker=".", label=label)
+            if any(v is not None and math.isfinite(v) for v in low):
+                nan = math.nan
+                ax.fill_between(xs, [nan if v is None else v for v in low], [nan if v is None else v for v in high],
+                                color=color, alpha=0.12, linewidth=0)
+    ax_r.set_xlabel("round")
+    ax_r.set_ylabel("test accuracy (100 test clients of the seed)")
+    ax_b.set_xscale("log")
+    ax_b.set_xlabel("cumulative uplink bits")
+    ax_r.grid(True, alpha=0.3)
+    ax_b.grid(True, which="both", alpha=0.3)
+    handles, labels = ax_b.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _clean(obj: Any) -> Any:
+    """NaN (an interval of one seed) as null: summary.json stays plain JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_outputs(out: Path, summary: dict[str, Any], groups: list[dict[str, Any]]) -> str:
+    """The plots, table.txt (returned) and, for a fresh summary, summary.json."""
+    for ds in dict.fromkeys(g["dataset"] for g in groups):
+        plot([g for g in groups if g["dataset"] == ds], out / f"algorithms_{ds}.png", summary["titles"][ds])
+    lines = [summary["head"], f"over seeds {summary['seeds']}: mean ± sample sd; d: the paired difference in "
+             "last-3 accuracy to the same algorithm's float32 run of the same seed (same clients), points, "
+             "with its 95% t-interval; s/round: the median over every round of every seed", ""]
+    lines += report(groups, summary["tune"]) + [f"FAILED {f}" for f in summary["failed"]]
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
 
 
 def parse_rounds(text: str) -> dict[str, int]:
@@ -334,7 +584,23 @@ def parse_rounds(text: str) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_overrides(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--hp ALG:key=value,...`` → {algorithm: {key: number}}."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        alg_name, _, rest = spec.partition(":")
+        if alg_name not in ALGORITHMS or not rest:
+            raise ValueError(f"--hp {spec!r}: give ALG:key=value,... with ALG one of {list(ALGORITHMS)}")
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq:
+                raise ValueError(f"--hp {spec!r}: {part!r} is not key=value")
+            overrides.setdefault(alg_name, {})[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cores = os.cpu_count() or 1
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=parse_rounds, default=parse_rounds(""),
                     help="rounds: N for every data set, or unipen=30,shakespeare=20 (the defaults)")
@@ -343,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {list(ALGORITHMS)} (default: all on unipen, "
                          f"{DEFAULT_ALGORITHMS['shakespeare']} on shakespeare)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0: one seed)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; with --tune 0)")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N rounds (default: rounds/5)")
     ap.add_argument("--max-batches", type=int, default=DATA_SETTINGS["shakespeare"]["max_batches"],
                     help="Shakespeare: batches per client per round (0: no cap)")
@@ -352,22 +618,39 @@ def main(argv: list[str] | None = None) -> int:
                          "arguments), e.g. --hp mime:beta=0.5,client_lr=0.05; the rows are labelled with it")
     ap.add_argument("--tune", action="store_true",
                     help="float32 runs over the TUNE grids of the chosen algorithms instead of the benchmark")
-    ap.add_argument("--out", default="runs/algorithms", help="metrics, TensorBoard logs, table and plots")
+    ap.add_argument("--jobs", type=int, default=min(2, cores), help="runs at a time, each its own process")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default cores / jobs)")
+    ap.add_argument("--keep-checkpoints", type=int, default=0,
+                    help="newest checkpoints kept of each completed run (default 0: SCAFFOLD's are large)")
+    ap.add_argument("--out", default="runs/algorithms_sweep", help="run folders, table, plots and summary")
     ap.add_argument("--replot", action="store_true",
                     help="redraw the plots and reprint the table from OUT/summary.json and exit")
+    return ap
+
+
+def _listed(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def replot(out: Path) -> int:
+    """The plots and table again from OUT/summary.json (the groups recomputed from its runs)."""
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    print(write_outputs(out, summary, aggregate(summary["rows"])))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.replot:
-        summary = json.loads((out / "summary.json").read_text())
-        for ds in dict.fromkeys(r["dataset"] for r in summary["rows"]):
-            plot([r for r in summary["rows"] if r["dataset"] == ds], out / f"algorithms_{ds}.png",
-                 summary["titles"][ds])
-        print("\n".join(report(summary["rows"], summary["seeds"], False)))
-        return 0
-    datasets = [d for d in args.datasets.split(",") if d]
-    variants = [v for v in args.variants.split(",") if v]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    algs = [a for a in args.algorithms.split(",") if a]
+        return replot(out / "tune" if args.tune else out)
+    datasets, variants, algs = _listed(args.datasets), _listed(args.variants), _listed(args.algorithms)
+    try:
+        seeds = [int(s) for s in _listed(args.seeds or ("0" if args.tune else "0,1,2"))]
+        overrides = parse_overrides(args.hp)
+    except ValueError as e:
+        ap.error(str(e))
     for what, got, allowed in (("--datasets", datasets, DATASETS), ("--variants", variants, VARIANTS),
                                ("--algorithms", algs, list(ALGORITHMS))):
         bad = sorted(set(got) - set(allowed))
@@ -375,210 +658,71 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{what}: unknown {bad}; choose from {list(allowed)}")
     if not datasets or not variants or not seeds:
         ap.error("--datasets, --variants and --seeds need at least one value")
-    overrides: dict[str, dict[str, Any]] = {}
-    for spec in args.hp:
-        alg_name, _, rest = spec.partition(":")
-        if alg_name not in ALGORITHMS or not rest:
-            ap.error(f"--hp {spec!r}: give ALG:key=value,... with ALG one of {list(ALGORITHMS)}")
-        for part in filter(None, rest.split(",")):
-            k, eq, v = part.partition("=")
-            if not eq:
-                ap.error(f"--hp {spec!r}: {part!r} is not key=value")
-            overrides.setdefault(alg_name, {})[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        ap.error("--jobs and --threads must be >= 1")
     if args.tune:
-        variants = ["float32"]
-        if not algs:
-            algs = list(TUNE)
-    DATA_SETTINGS["shakespeare"]["max_batches"] = args.max_batches or None
-
-    torch.set_num_threads(1)
-    if args.tune:
-        out = out / "tune"
+        variants, algs, out = ["float32"], algs or list(TUNE), out / "tune"
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{'tuning' if args.tune else 'benchmark'}: {CLIENTS_PER_ROUND} clients a round, 1 local epoch, "
-          f"client SGD; seeds {seeds}; {torch.get_num_threads()} torch thread "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); variants of an algorithm "
-          "interleaved round by round", flush=True)
+          f"client SGD; seeds {seeds}; {args.jobs} run(s) at a time, each its own process with {threads} "
+          f"torch thread(s)", flush=True)
+
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     titles: dict[str, str] = {}
-    same_clients = True
+    counts = {"ran": 0, "skipped": 0}
     for ds in datasets:
-        settings = DATA_SETTINGS[ds]
-        data = load(ds, settings["eval_clients"])
-        if data is None:
+        facts = data_facts(ds)
+        if facts is None:
             continue
+        num_clients, num_params = facts
         rounds = args.rounds[ds]
         eval_every = args.eval_every or max(1, rounds // 5)
-        num_clients = len(data[0].client_ids)
+        max_batches = (args.max_batches or None) if ds == "shakespeare" else DATA_SETTINGS[ds]["max_batches"]
         names = algs or DEFAULT_ALGORITHMS[ds]
-        print(f"{ds}: {rounds} rounds, batch {settings['batch_size']}, at most "
-              f"{settings['max_batches'] or 'all'} batches a client, evaluation every {eval_every} rounds; "
-              f"algorithms {names}", flush=True)
-        titles[ds] = (f"{ds}: {CLIENTS_PER_ROUND} clients/round, {rounds} rounds, batch {settings['batch_size']}, "
-                      f"seeds {seeds}; solid float32, dashed EDEN 1 bit, dotted + extra group at 1 bit")
-        ds_rows: list[dict[str, Any]] = []
-        for name in names:
-            grid = TUNE.get(name, [{}]) if args.tune else [overrides.get(name, {})]
-            for seed in seeds:
-                jobs = []
-                for over in grid:
-                    for variant in variants_of(name, variants):
-                        both = {**HPARAMS[ds][name], **over}
-                        # RunConfig fields; the rest are the algorithm's own arguments (beta, mu)
-                        hp = {k: v for k, v in both.items() if k in RUN_FIELDS}
-                        alg_args = {k: v for k, v in both.items() if k not in RUN_FIELDS}
-                        tag = ",".join(f"{k}={v:g}" for k, v in over.items())
-                        label = f"{name}[{tag}]" if tag else name
-                        fields = {"dataset": ds, "rounds": rounds, "clients_per_round": CLIENTS_PER_ROUND,
-                                  "batch_size": settings["batch_size"], "epochs": 1,
-                                  "max_batches": settings["max_batches"], "eval_every": eval_every, "seed": seed,
-                                  "name": f"{ds}/{label}/{variant}/seed{seed}"}
-                        fields.update(hp)  # --hp may change any of them (max_batches, say)
-                        cfg = RunConfig(**fields, **algorithm_fields(name, variant, num_clients, alg_args))
-                        jobs.append({"key": f"{ds}/{label}/{variant}/s{seed}", "dataset": ds,
-                                     "algorithm": label, "variant": variant, "seed": seed, "tune": over or None,
-                                     "config": cfg, "logdir": out / ds / label / variant / f"seed{seed}",
-                                     "history": [], "error": None})
-                run_group(jobs, data, t_start)
-                for j in jobs:
-                    if j["error"] is not None or not j["history"]:
-                        failed.append(f"{j['key']}: {type(j['error']).__name__}: {j['error']}")
-                        print(f"  FAILED {failed[-1]}", file=sys.stderr, flush=True)
-                        continue
-                    ds_rows.append(summarize(j))
-                done = [r for r in ds_rows if r["seed"] == seed and r["algorithm"].split("[")[0] == name]
-                same_clients &= all(r["examples"] == done[0]["examples"] for r in done)
-        rows += ds_rows
-        if ds_rows:
-            out.mkdir(parents=True, exist_ok=True)
-            plot(ds_rows, out / f"algorithms_{ds}.png", titles[ds])
+        entries = plan_entries(ds, names, variants, overrides, args.tune, num_clients)
+        sweep = build_sweep(f"algorithms_{ds}", base_fields(ds, rounds, eval_every, max_batches), entries, seeds)
+        print(f"{ds}: {rounds} rounds, batch {DATA_SETTINGS[ds]['batch_size']}, at most {max_batches or 'all'} "
+              f"batches a client, evaluation every {eval_every} rounds on {DATA_SETTINGS[ds]['eval_clients']} "
+              f"test clients; algorithms {names}", flush=True)
+        titles[ds] = (f"{ds}: {CLIENTS_PER_ROUND} clients/round, {rounds} rounds, batch "
+                      f"{DATA_SETTINGS[ds]['batch_size']}, seeds {seeds}; solid float32, dashed EDEN 1 bit, dotted "
+                      "+ extra group at 1 bit; mean over seeds, band: 95% t-interval")
+        logdir = out / ds
+        try:
+            result = run_sweep(sweep, logdir, jobs=args.jobs, threads=threads,
+                               keep_checkpoints=args.keep_checkpoints)
+        except ConfigError as e:
+            print(f"{ds}: {e}", file=sys.stderr)
+            return 2
+        counts["skipped"] += sum(s == "skipped" for s in result.status.values())
+        counts["ran"] += sum(s in ("ran", "resumed") for s in result.status.values())
+        failed += [f"{ds}/{name}" for name in result.failed]
+        rows += collect(result, entries, ds, num_params)
     wall = time.perf_counter() - t_start
     if not rows:
         print("nothing ran")
         return 1 if failed else 0
 
-    lines = report(rows, seeds, args.tune)
-    lines.insert(0, f"clients: {'the same' if same_clients else 'NOT the same'} in every run of a seed, round by "
-                    f"round (checked: examples trained per round); {wall / 60:.1f} min wall for {len(rows)} runs")
-    for f in failed:
-        lines.append(f"FAILED {f}")
-    text = "\n".join(lines)
+    bad = client_mismatches(rows)
+    run_s = sum(r["wall_s"] or 0.0 for r in rows)
+    head = (f"clients: {'the same' if not bad else 'NOT the same'} in every run of a seed, round by round "
+            f"(checked: examples trained per round){': ' + ', '.join(bad) if bad else ''}; {len(rows)} runs "
+            f"({counts['ran']} ran now, {counts['skipped']} complete before), {run_s / 60:.1f} min of run time "
+            f"in all, {wall / 60:.1f} min wall now")
+    groups = aggregate(rows)
+    summary = {"argv": sys.argv[1:] if argv is None else list(argv), "seeds": seeds, "rounds": args.rounds,
+               "tune": args.tune, "titles": titles, "same_clients": not bad, "wall_s": wall, "run_s": run_s,
+               "head": head, "failed": failed, "rows": rows, "groups": groups}
+    text = write_outputs(out, summary, groups)
+    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=1, default=str), encoding="utf-8")
     print("\n" + text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.txt").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps(
-        {"argv": sys.argv[1:], "seeds": seeds, "rounds": args.rounds, "wall_s": wall, "titles": titles,
-         "same_clients": same_clients, "rows": rows}, indent=1, default=str))
-    print(f"\nplots: {out}/algorithms_<dataset>.png; table: {out / 'table.txt'}; summary: {out / 'summary.json'}")
+    print(f"\nplots: {out}/algorithms_<dataset>.png; table: {out / 'table.txt'}; summary: {out / 'summary.json'}; "
+          f"per run: {out}/<dataset>/results.csv")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; run again to resume them")
     return 1 if failed else 0
-
-
-def _bpp(bits: int, r: dict[str, Any]) -> float:
-    """Bits per model parameter, client and round."""
-    return bits / (r["num_params"] * r["rounds"] * CLIENTS_PER_ROUND) if r["num_params"] else float("nan")
-
-
-def report(rows: list[dict[str, Any]], seeds: list[int], tune: bool) -> list[str]:
-    refs = {(r["dataset"], r["algorithm"], r["seed"]): r for r in rows if r["variant"] == "float32"}
-    for r in rows:
-        ref = refs.get((r["dataset"], r["algorithm"], r["seed"]))
-        r["x_fewer"] = ref["up"] / r["up"] if ref else float("nan")
-        r["d_points"] = 100 * (r["last3"] - ref["last3"]) if ref else float("nan")
-    w = max(11, *(len(r["algorithm"]) for r in rows))
-    L = [f"\n{'data':11s} {'algorithm':{w}s} {'uplink':9s} {'seed':>4s} {'final':>7s} {'last3':>7s} {'d(last3)':>9s} "
-         f"{'uplink':>11s} {'x fewer':>7s} {'downlink':>11s} {'s/round':>7s}"]
-    for r in rows:
-        div = f"  ({r['diverged']} diverged client-rounds)" if r["diverged"] else ""
-        d = "" if r["variant"] == "float32" else f"{r['d_points']:+6.2f} pt"
-        L.append(f"{r['dataset']:11s} {r['algorithm']:{w}s} {r['variant']:9s} {r['seed']:4d} {r['final']:7.4f} "
-                 f"{r['last3']:7.4f} {d:>9s} {format_bits(r['up']):>11s} {r['x_fewer']:7.1f} "
-                 f"{format_bits(r['down']):>11s} {r['s_round']:7.2f}{div}")
-    if tune:
-        return L
-    L.append("\nbits itemized by tensor group, per model parameter, client and round "
-             "(uplink = aggregated_bits/group/*, downlink = broadcasted_bits/group/*; "
-             "framing and scalars not in the groups):")
-    for r in rows:
-        if r["seed"] != seeds[0]:
-            continue
-        up = " + ".join(f"{g} {_bpp(b, r):.3f}" for g, b in r["groups"]["up"].items())
-        down = " + ".join(f"{g} {_bpp(b, r):.3f}" for g, b in r["groups"]["down"].items())
-        up_tot = " + ".join(f"{g} {format_bits(b)}" for g, b in r["groups"]["up"].items())
-        L.append(f"{r['dataset']:11s} {r['algorithm']:11s} {r['variant']:9s} up: {up:34s} down: {down:30s}"
-                 f" (uplink {up_tot})")
-    multi = len(seeds) > 1
-    per: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        per.setdefault((r["dataset"], r["algorithm"], r["variant"]), []).append(r)
-    if multi:
-        L.append(f"\nmean over seeds {seeds} (+- sample std of the paired difference to float32):")
-        for (ds, alg, var), rs in per.items():
-            d = [r["d_points"] for r in rs]
-            L.append(f"{ds:11s} {alg:11s} {var:9s} last3 {statistics.mean(r['last3'] for r in rs):.4f}  "
-                     f"d {statistics.mean(d):+.2f} +- {statistics.stdev(d) if len(d) > 1 else float('nan'):.2f} pt"
-                     f"  x fewer {statistics.mean(r['x_fewer'] for r in rs):.1f}")
-    L.append("")
-    for (ds, alg, var), rs in per.items():
-        if var == "float32" or any(r["x_fewer"] != r["x_fewer"] for r in rs):
-            continue
-        d = statistics.mean(r["d_points"] for r in rs)
-        ratio = statistics.mean(r["x_fewer"] for r in rs)
-        acc_ratio = statistics.mean(r["last3"] for r in rs) / statistics.mean(
-            refs[(ds, alg, r["seed"])]["last3"] for r in rs)
-        bits_ok = ratio >= RATIO_COUNTED
-        ref_last3 = statistics.mean(refs[(ds, alg, r["seed"])]["last3"] for r in rs)
-        if ref_last3 < NOT_LEARNED:
-            acc = f"not compared: the float32 run did not learn (last3 {ref_last3:.3f} < {NOT_LEARNED:g})"
-        elif len(rs) >= 3:
-            se = statistics.stdev([r["d_points"] for r in rs]) / len(rs) ** 0.5
-            acc = f"{'within' if d - 2 * se >= -GOAL_POINTS else 'NOT shown within'} {GOAL_POINTS:g} pt " \
-                  f"(mean - 2 s.e. = {d - 2 * se:+.2f} pt, {len(rs)} seeds)"
-        else:
-            acc = f"undecided: {len(rs)} seed{'s' if len(rs) > 1 else ''}, run-to-run noise 1-2.5 pt"
-        verdict = ("bits met" if bits_ok else f"bits MISSED ({ratio:.1f}x < {RATIO_COUNTED:g}x)") + "; accuracy " + acc
-        L.append(f"ratio {ds} {alg} {var} / float32 accuracy = {acc_ratio:.4f} ({d:+.2f} pt) at {ratio:.1f}x fewer "
-                 f"uplink bits (goal: within {GOAL_POINTS:g} pt at {GOAL_RATIO:g}x nominal, >= {RATIO_COUNTED:g}x "
-                 f"measured: {verdict})")
-    return L
-
-
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
-    colors = plt.get_cmap("tab10").colors
-    algs = list(dict.fromkeys(r["algorithm"] for r in rows))
-    styles = {"float32": "-", "eden1": "--", "eden1+cc": ":", "eden1+gc": ":"}
-    for key in dict.fromkeys((r["algorithm"], r["variant"]) for r in rows):
-        rs = [r for r in rows if (r["algorithm"], r["variant"]) == key and r["curve"]]
-        if not rs:
-            continue
-        n = min(len(r["curve"]) for r in rs)
-        rounds = [c[0] for c in rs[0]["curve"][:n]]
-        bits = [statistics.mean(r["curve"][k][1] for r in rs) for k in range(n)]
-        acc = [statistics.mean(r["curve"][k][2] for r in rs) for k in range(n)]
-        name = f"{key[0]} {key[1]}" + (f" (mean of {len(rs)} seeds)" if len(rs) > 1 else "")
-        style = {"color": colors[algs.index(key[0]) % len(colors)], "linestyle": styles.get(key[1], "-"),
-                 "marker": ".", "label": name}
-        ax_r.plot(rounds, acc, **style)
-        ax_b.plot(bits, acc, **style)
-    ax_r.set_xlabel("round")
-    ax_r.set_ylabel("test accuracy (fixed test clients)")
-    ax_b.set_xscale("log")
-    ax_b.set_xlabel("cumulative uplink bits")
-    ax_r.grid(True, alpha=0.3)
-    ax_b.grid(True, which="both", alpha=0.3)
-    handles, labels = ax_b.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="center right")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
