@@ -82,23 +82,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # so Ray workers unpic
 import fedzip  # noqa: E402
 from fedzip.data.federated import ClientExamples  # noqa: E402
 from fedzip.execution import LocalExecutor, ProcessExecutor, RayExecutor, available_cores  # noqa: E402
+from fedzip.models import SmallCNN  # noqa: E402
 from fedzip.seeding import derive_seed, numpy_rng  # noqa: E402
 
 GOALS = {"peak_ratio": 1.5, "slope_kib": 64.0, "framework_ms": 5.0, "ray_vs_local": 1.15,
          "real_peak_ratio": 1.1, "real_slope_kib": 16.0}
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 5, padding=2)
-        self.conv2 = nn.Conv2d(8, 16, 5, padding=2)
-        self.fc = nn.Linear(16 * 7 * 7, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x.unsqueeze(1))), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
 
 
 def model_fn(name: str) -> nn.Module:

@@ -59,7 +59,7 @@ from fedzip.errors import (
     RoundFailedError,
 )
 from fedzip.execution import LocalExecutor
-from fedzip.models import CharLSTM, FedAvgCNN, fedavg_cnn
+from fedzip.models import CharLSTM, FedAvgCNN, SmallCNN, fedavg_cnn
 from fedzip.privacy.secagg import secure_mean
 from fedzip.robust import geometric_median, krum, median, trimmed_mean
 from fedzip.seeding import derive_seed, sample_clients
@@ -70,7 +70,7 @@ __version__ = "0.2.0"
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",
     "FederatedAlgorithm", "MemoryStates", "Task", "fedprox", "image_task", "metrics",
-    "optim", "privacy", "resolve_task", "tasks", "CharLSTM", "secure_mean", "attacks", "robust",
+    "optim", "privacy", "resolve_task", "tasks", "CharLSTM", "SmallCNN", "secure_mean", "attacks", "robust",
     "geometric_median", "krum", "median", "trimmed_mean", "DPFedAvg", "dp_fedavg", "FederatedDropout",
     "LowRankUpdates", "RandomMaskUpdates", "federated_dropout", "lowrank_updates", "random_mask_updates", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD",
     "FedYogiAlgorithm", "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
