@@ -170,8 +170,8 @@ def test_accumulator_keeps_every_update_and_checks_each():
         acc.fold(bad, 1.0)
     with pytest.raises(PayloadError):
         acc.fold(good, float("nan"))
-    with pytest.raises(PayloadError, match="coverage"):
-        acc.fold(good, 1.0, coverage={"w": torch.ones(2, 3, dtype=torch.bool)})
+    with pytest.raises(PayloadError, match="coverage"):  # coverage is kept now, checked first
+        acc.fold(good, 1.0, coverage={"w": torch.ones(3, 2, dtype=torch.bool)})
     assert acc.count == 1 and len(acc.rows) == 1  # nothing kept from a rejected update
     acc.fold(good, 1.0)
     with pytest.raises(PayloadError, match="does not match"):

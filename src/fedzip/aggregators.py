@@ -587,6 +587,29 @@ class StreamingMean(Accumulator):
         return Aggregate(self.sums, weights, self.count)
 
 
+def check_coverage(coverage: Mapping[str, torch.Tensor] | None,
+                   template: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+    """A client's coverage (bool masks by tensor) must name model tensors, in their shapes."""
+    for name, held in (coverage or {}).items():
+        if name not in template or tuple(held.shape) != tuple(template[name][0]):
+            raise PayloadError(f"coverage of {name!r} does not match the model's tensors")
+
+
+def count_holders(holders: dict[str, torch.Tensor] | None, template: Mapping[str, tuple[tuple[int, ...], Any]],
+                  count: int, coverage: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Per coordinate, how many of the clients summed so far held it, with one
+    more client of ``coverage`` (None: it held all) added; ``holders`` None
+    while every client held everything (``count`` of them), so a round of
+    whole-model clients keeps no per-coordinate counts."""
+    if coverage is not None and holders is None:  # the clients before it held everything
+        holders = {k: torch.full(shape, float(count), dtype=torch.float64) for k, (shape, _) in template.items()}
+    if holders is not None:
+        for name, n in holders.items():
+            held = (coverage or {}).get(name)
+            n.add_(1.0 if held is None else held.to(torch.float64))
+    return holders
+
+
 class EncodedSum(Accumulator):
     """Adds clients' integer encodings without decoding any one of them, and
     decodes only the sum (what secure aggregation needs: the server sees sums).
@@ -600,10 +623,15 @@ class EncodedSum(Accumulator):
         self.int_sums: dict[str, Any] = {}
         #: decoded individual updates (instrumentation: stays 0; a test checks it)
         self.decoded_individually = 0
+        #: per coordinate, how many clients held it (float64); None while each held all
+        self.holders: dict[str, torch.Tensor] | None = None
 
     def fold(self, tensors, weight, coverage=None):
-        if coverage is not None:
-            raise PayloadError("an encoded sum cannot take per-coordinate coverage")
+        """Add one client's codes. ``coverage``: the coordinates it held (bool
+        masks by tensor, a tensor left out held whole; None: all), which the
+        server derives from the client's layout (federated dropout, structured
+        updates: the client sent zeros elsewhere); each coordinate's sum is then
+        divided by the clients that held it."""
         if not math.isfinite(weight) or weight < 0:
             raise PayloadError(f"update weight {weight!r} must be a finite non-negative number")
         by_name = {t.name: t for t in tensors}
@@ -620,10 +648,12 @@ class EncodedSum(Accumulator):
             if t.codec != codec.tag:
                 raise PayloadError(f"tensor {name!r}: codec {t.codec!r}, expected {codec.tag!r}")
             parsed[name] = codec.parse_summand(t.body, shape)
+        check_coverage(coverage, self.template)
         for name, value in parsed.items():
             codec = self.aggregator.policy.for_tensor(name, value.numel())
             prev = self.int_sums.get(name)
             self.int_sums[name] = value if prev is None else codec.add_summands(prev, value)
+        self.holders = count_holders(self.holders, self.template, self.count, coverage)
         self.count += 1
 
     def result(self) -> Aggregate:
@@ -631,7 +661,7 @@ class EncodedSum(Accumulator):
         for name, (shape, _) in self.template.items():
             codec = self.aggregator.policy.for_tensor(name, math.prod(shape))
             sums[name] = codec.decode_sum(self.int_sums[name], self.count, shape).to(torch.float64)
-        return Aggregate(sums, float(self.count), self.count)
+        return Aggregate(sums, self.holders if self.holders is not None else float(self.count), self.count)
 
 
 # --------------------------------------------------------------------------

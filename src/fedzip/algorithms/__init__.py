@@ -16,7 +16,7 @@ from fedzip.algorithms.fedprox import FedProx, fedprox
 from fedzip.algorithms.fedsgd import FedSGD, fedsgd
 from fedzip.algorithms.mime import MimeLite, mime_lite
 from fedzip.algorithms.scaffold import Scaffold, scaffold
-from fedzip.algorithms.space import FullSpace, UpdateSpace
+from fedzip.algorithms.space import FullSpace, ModelCoordinates, UpdateSpace
 from fedzip.algorithms.state import ServerState
 from fedzip.algorithms.structured import (
            LowRankUpdates,
@@ -27,7 +27,7 @@ from fedzip.algorithms.structured import (
 
 __all__ = ["FederatedDropout", "LowRankUpdates", "RandomMaskUpdates", "federated_dropout",
            "lowrank_updates", "random_mask_updates", "register_dropout_plan", "DPFedAvg", "dp_fedavg", "FedAdagradAlgorithm", "FedAdamAlgorithm", "FedSGD", "FedYogiAlgorithm", "FullSpace",
-           "MimeLite", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
+           "MimeLite", "ModelCoordinates", "Scaffold", "UpdateSpace", "fedsgd", "mime_lite", "scaffold",
            "ClientContext", "ClientHooks", "ClientResult", "ClientTask", "ClientWork", "FedProx",
            "FederatedAlgorithm", "ServerState", "WeightedFedAvg", "fedprox", "resolve_device",
            "weighted_fedavg"]

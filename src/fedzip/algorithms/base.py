@@ -261,9 +261,9 @@ class FederatedAlgorithm:
         acc = agg.accumulator(state.params)
         full_space = type(space) is UpdateSpace
         if agg.secure is not None:  # secure aggregation (fedzip.privacy.secagg): keys first
-            if not full_space:
-                raise ConfigError("secure aggregation sums the whole model's codes: it needs the "
-                                  "full update space")
+            if not space.sends_model_coordinates:  # masks cancel only position by position
+                raise ConfigError("secure aggregation sums the codes of the model's coordinates: each "
+                                  "client must send its update on them (algorithms.space.ModelCoordinates)")
             tasks = acc.setup(self.seed, round_num, tasks)
         model_shapes = tree.shapes(state.params)
         expected = self.update_groups(state)
@@ -292,9 +292,14 @@ class FederatedAlgorithm:
                 by_group = _records_by_group(msg, expected)
                 # validate and decode everything before anything is added
                 if agg.secure is not None:  # a masked input: the server knows its sender, not its content
-                    acc.fold_masked(res.client_id, model_records)
+                    # and, from (seed, round, client) alone, which coordinates it held
+                    acc.fold_masked(res.client_id, model_records,
+                                    space.coverage(model_shapes, res.client_id, round_num, self.seed))
                 elif full_space:
                     acc.fold(model_records, weight)
+                elif space.sends_model_coordinates:  # on the model's coordinates already: codes may be summed
+                    acc.fold(model_records, weight, space.coverage(model_shapes, res.client_id, round_num,
+                                                                   self.seed))
                 else:
                     sent = decode_params(
                         Message(Kind.UPDATE, {}, model_records),

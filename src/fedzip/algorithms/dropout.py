@@ -26,6 +26,19 @@ did not hold this round keep their residual until it holds them again. For
 this the client regenerates its kept units from the run's seed (as random
 masks are), so they still cost no bits.
 
+Byzantine-robust rules (:mod:`fedzip.robust`) compose: each is taken over
+the clients that held a coordinate (the median of its holders, Krum's
+distances over the coordinates two clients share, ...). So does secure
+aggregation (:mod:`fedzip.privacy.secagg`): masks cancel only position by
+position, so each client maps its sub-update onto the full model's
+coordinates itself (zeros for the units it did not keep) before encoding
+and masking, and the server divides each coordinate's sum by the surviving
+clients that held it, which it derives from (seed, round, client id). The
+uplink then costs the whole model; the sub-model broadcast and the client's
+compute still shrink (:func:`on_the_wire`). The same holds for a summable
+codec without the protocol (distributed DP with ``secure=False``): its
+codes are added position by position before anything is decoded.
+
 What this understands is declared per model class in :data:`PLANS`, a
 *dropout plan*: the unit groups of the model (a layer's outputs), each with
 the tensor axes its units index — its own rows (and bias), and the next
@@ -56,7 +69,7 @@ import torch
 from torch import nn
 
 from fedzip.algorithms.base import FederatedAlgorithm
-from fedzip.algorithms.space import UpdateSpace
+from fedzip.algorithms.space import ModelCoordinates, UpdateSpace
 from fedzip.errors import ConfigError, PayloadError
 from fedzip.models import CharLSTM, FedAvgCNN
 from fedzip.seeding import numpy_rng
@@ -378,6 +391,7 @@ class DropoutSpace(UpdateSpace):
 
     personal_model = True
     moves_residuals = True  # the kept units change every round (see the module doc)
+    sends_model_coordinates = False  # the sub-model's tensors
 
     def __init__(self, plan: Sequence[UnitGroup], keep: Mapping[str, float]) -> None:
         self.plan = tuple(plan)
@@ -400,6 +414,10 @@ class DropoutSpace(UpdateSpace):
 
     def expand(self, sent, template, client_id, round_num, seed):
         return expand_params(sent, template, self.plan, self.kept(client_id, round_num, seed))
+
+    def coverage(self, template, client_id, round_num, seed):
+        axes = _axis_indices(self.plan, self.kept(client_id, round_num, seed))
+        return {name: _held(tuple(template[name]), ax) for name, ax in axes.items()}
 
     def prepare(self, model: nn.Module, received: Params, ctx: Any) -> tuple[nn.Module, list[torch.Tensor]]:
         sub = sub_module(model, received)
@@ -480,8 +498,8 @@ class FederatedDropout(FederatedAlgorithm):
         super().__init__(*args, **kwargs)
         _check_aggregator(self)
 
-    def update_space(self) -> DropoutSpace:
-        return DropoutSpace(dropout_plan(_template_model(self)), self.keep)
+    def update_space(self) -> UpdateSpace:
+        return on_the_wire(self, DropoutSpace(dropout_plan(_template_model(self)), self.keep))
 
 
 def _template_model(algo: FederatedAlgorithm) -> nn.Module:
@@ -493,31 +511,31 @@ def _template_model(algo: FederatedAlgorithm) -> nn.Module:
     return model
 
 
+def on_the_wire(algo: FederatedAlgorithm, space: UpdateSpace) -> UpdateSpace:
+    """``space`` as ``algo``'s clients use it: where codes are summed before
+    anything is decoded (secure aggregation's masked codes, a summable codec's
+    :class:`~fedzip.aggregators.EncodedSum`: distributed DP) each client
+    sends its update on the model's coordinates
+    (:class:`~fedzip.algorithms.space.ModelCoordinates`), since codes add up
+    position by position; otherwise its own coordinates (cheaper)."""
+    agg = algo.aggregator
+    summed = getattr(agg, "secure", None) is not None or (
+        getattr(agg, "accumulator_kind", None) is None and agg.policy.summable())
+    return ModelCoordinates(space, algo.seed) if summed else space
+
+
 def _check_aggregator(algo: FederatedAlgorithm, no_feedback: str | None = None) -> None:
     """Refuse what cannot work when each client sends its own coordinates.
     ``no_feedback``: why error feedback cannot work in this space (None: it
-    works, its residuals kept on the model's coordinates by the space)."""
+    works, its residuals kept on the model's coordinates by the space).
+
+    Robust rules compose (taken over the clients that held each coordinate,
+    :mod:`fedzip.robust`), and so does secure aggregation (the clients send on
+    the model's coordinates, :func:`on_the_wire`)."""
     from fedzip.codecs import ErrorFeedback
     from fedzip.codecs.feedback import unmapped_feedback
 
     agg = algo.aggregator
-    if getattr(agg, "secure", None) is not None:
-        raise ConfigError(f"{algo.name}: secure aggregation sums every client's masked codes for the whole "
-                          "model, but here each client sends its own coordinates (other units, another mask "
-                          "or A): the server could not map a sum back. Use a mean decoded per client")
-    from fedzip.robust import RobustRule  # (robust imports the aggregators, not this module)
-
-    kind = getattr(agg, "accumulator_kind", None)
-    if isinstance(kind, RobustRule):
-        raise ConfigError(f"{algo.name}: {kind.name} compares whole updates of the clients, but here each "
-                          "client holds only its own coordinates (the mean is taken per coordinate over the "
-                          "clients that held it); use a mean")
-    if kind is None and agg.policy.summable():
-        raise ConfigError(f"{algo.name}: a summable codec's codes are added coordinate by coordinate before "
-                          "anything is decoded, but here code i of one client and code i of another are "
-                          "different model coordinates (other units, another mask or A): only the server "
-                          "can map each client's update back, after decoding it. Use a codec decoded per "
-                          "client")
     for codec in agg.policy.codecs():
         if no_feedback is not None:
             c = codec
@@ -540,5 +558,5 @@ def federated_dropout(model_fn: Any = None, client_optimizer: Any = None, server
 
 
 __all__ = ["Coords", "DropoutSpace", "FederatedDropout", "PLANS", "UnitGroup", "chain_plan", "dropout_plan",
-           "expand_params", "federated_dropout", "kept_units", "lstm_plan", "register_dropout_plan",
-           "step_macs", "sub_module", "sub_params"]
+           "expand_params", "federated_dropout", "kept_units", "lstm_plan", "on_the_wire",
+           "register_dropout_plan", "step_macs", "sub_module", "sub_params"]

@@ -27,6 +27,19 @@ client's residual on the *model's* coordinates instead: before encoding,
 :meth:`gather` reads the entries this round sends, and afterwards
 :meth:`scatter` writes the new residual back there. The coordinates not sent
 this round keep theirs: an error is carried until they are sent again.
+
+Secure aggregation (:mod:`fedzip.privacy.secagg`) sums masked codes position
+by position: the pairwise masks cancel only where every client added its own
+at the same position, so code ``i`` must be the same model coordinate for
+every client. :class:`ModelCoordinates` wraps a space whose clients send
+their own coordinates (federated dropout, a random mask, ``B`` of ``B·A``):
+the client still receives and trains what the inner space gives it (a
+dropout sub-model stays small on the downlink and in compute), then maps
+its update onto the model's coordinates itself (zeros where it held
+nothing; ``B·A`` for low rank) before encoding and masking. The uplink then costs the whole model: that is the price of
+hiding each update in the sum. The server, which knows no single update,
+takes the per-coordinate weights from :meth:`UpdateSpace.coverage`, which
+needs only (seed, round, client id): nothing a client sends.
 """
 
 from __future__ import annotations
@@ -47,6 +60,9 @@ class UpdateSpace:
 
     #: True when each client receives its own model tensors (personal message)
     personal_model: bool = False
+    #: True when the tensors sent are the model's, shape for shape (what secure
+    #: aggregation needs); a space whose ``sent_shapes`` differ sets it False
+    sends_model_coordinates: bool = True
     #: True when :meth:`gather` and :meth:`scatter` move per-client residuals
     #: between the model's coordinates and the sent ones; False where the sent
     #: coordinates are the model's (FedAvg) and the codec state is left alone
@@ -68,6 +84,14 @@ class UpdateSpace:
         """What was sent, on the model's coordinates, and the coordinates held
         (bool masks; None: all of them)."""
         return sent, None
+
+    def coverage(self, template: Mapping[str, tuple[int, ...]], client_id: str, round_num: int,
+                 seed: int) -> dict[str, torch.Tensor] | None:
+        """The coordinates ``client_id`` holds in ``round_num`` (bool masks by
+        tensor, a tensor left out held whole; None: all), as :meth:`expand`
+        returns them, from (seed, round, client) alone: the server computes
+        them without looking at the update (secure aggregation's weights)."""
+        return None
 
     # -- client side ---------------------------------------------------------
 
@@ -132,6 +156,45 @@ def scatter_codec_state(space: UpdateSpace, policy: CodecPolicy, state: Mapping[
     return out
 
 
+class ModelCoordinates(UpdateSpace):
+    """``inner``'s clients, sending their update on the model's coordinates
+    (see the module doc): what secure aggregation needs. The client trains as
+    ``inner`` says, then expands its update with ``inner.expand`` (it
+    regenerates its layout from the run's ``seed``, as the server does); the
+    server reads the update as sent and weighs each coordinate by
+    ``inner.coverage``. Error-feedback residuals then live on the coordinates
+    sent, the model's, so nothing moves them (``moves_residuals`` False)."""
+
+    moves_residuals = False
+    sends_model_coordinates = True
+
+    def __init__(self, inner: UpdateSpace, seed: int) -> None:
+        self.inner = inner
+        self.seed = int(seed)  # the client's layout comes from it (kept units, A, the mask)
+        self.personal_model = inner.personal_model
+
+    def client_model(self, params, client_id, round_num, seed):
+        return self.inner.client_model(params, client_id, round_num, seed)
+
+    def sent_shapes(self, template, client_id, round_num, seed):
+        return dict(template)
+
+    def coverage(self, template, client_id, round_num, seed):
+        return self.inner.coverage(template, client_id, round_num, seed)
+
+    def expand(self, sent, template, client_id, round_num, seed):
+        return sent, self.coverage(template, client_id, round_num, seed)
+
+    def prepare(self, model, received, ctx):
+        return self.inner.prepare(model, received, ctx)
+
+    def update(self, module, model, received, ctx):
+        sent = self.inner.update(module, model, received, ctx)
+        template = {k: tuple(p.shape) for k, p in model.named_parameters()}  # ``model``: the whole one
+        full, _ = self.inner.expand(sent, template, ctx.client_id, ctx.round, self.seed)
+        return {k: full[k] for k in template}
+
+
 FullSpace = UpdateSpace
 
-__all__ = ["FullSpace", "UpdateSpace", "gather_codec_state", "scatter_codec_state"]
+__all__ = ["FullSpace", "ModelCoordinates", "UpdateSpace", "gather_codec_state", "scatter_codec_state"]

@@ -34,6 +34,16 @@ low rank: ``A`` is redrawn every round, so ``B``'s entries mean other
 directions each round and none is a model coordinate; a residual in them has
 nowhere to go (and ``B·A`` cannot hold the dense residual either).
 
+Byzantine-robust rules (:mod:`fedzip.robust`) compose with both: on
+``B·A`` (every coordinate held) for low rank; for the random mask over the
+clients that held an entry with ``per_coordinate=True`` (without it the
+zeros of the entries a client did not train count as its values, as in the
+paper's mean). Secure aggregation composes too: its codes are summed position
+by position, so each client sends its update on the model's coordinates
+(``B·A``; the masked entries with zeros elsewhere), and the uplink costs the
+whole model (:class:`~fedzip.algorithms.space.ModelCoordinates`). The
+clients' stages (clipping, zeroing) then see that update, ``B·A``, not ``B``.
+
 Which tensors are structured: those with at least two dimensions and more
 than ``threshold`` entries, whose structure is smaller than the tensor;
 the others (biases) are trained and sent whole.
@@ -50,7 +60,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedzip.algorithms.base import FederatedAlgorithm
-from fedzip.algorithms.dropout import _check_aggregator
+from fedzip.algorithms.dropout import _check_aggregator, on_the_wire
 from fedzip.algorithms.space import UpdateSpace
 from fedzip.errors import ConfigError
 from fedzip.seeding import numpy_rng, torch_rng
@@ -71,6 +81,7 @@ class StructuredSpace(UpdateSpace):
     and ``delta``, the weight's update from the small tensor)."""
 
     purpose = "structured"
+    sends_model_coordinates = False  # the small tensors under the model's names
 
     def __init__(self, seed: int, threshold: int = 0) -> None:
         if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
@@ -110,7 +121,8 @@ class StructuredSpace(UpdateSpace):
         """The weight's update (differentiable in ``small``)."""
         raise NotImplementedError
 
-    def coverage(self, structure: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def held(self, structure: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The entries of one structured tensor a client holds (None: all of them)."""
         return None
 
     # -- server --------------------------------------------------------------
@@ -120,18 +132,23 @@ class StructuredSpace(UpdateSpace):
 
     def expand(self, sent, template, client_id, round_num, seed):
         full: Params = {}
-        coverage: dict[str, torch.Tensor] = {}
         for name, shape in template.items():
             shape = tuple(shape)
             if not self.structured(shape):
                 full[name] = sent[name]
                 continue
-            structure = self.structure(name, shape, client_id, round_num, seed)
-            full[name] = self.delta(sent[name], structure, shape)
-            held = self.coverage(structure, shape)
-            if held is not None:
-                coverage[name] = held
-        return full, (coverage or None)
+            full[name] = self.delta(sent[name], self.structure(name, shape, client_id, round_num, seed), shape)
+        return full, self.coverage(template, client_id, round_num, seed)
+
+    def coverage(self, template, client_id, round_num, seed):
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in template.items():
+            shape = tuple(shape)
+            if self.structured(shape):
+                held = self.held(self.structure(name, shape, client_id, round_num, seed), shape)
+                if held is not None:
+                    out[name] = held
+        return out or None
 
     # -- client --------------------------------------------------------------
 
@@ -228,6 +245,9 @@ class LowRankSpace(StructuredSpace):
     def delta(self, small, structure, shape):
         return (small.to(structure.dtype) @ structure).reshape(shape)
 
+    def coverage(self, template, client_id, round_num, seed):
+        return None  # B·A is dense: every client holds every coordinate (and A need not be drawn)
+
 
 class RandomMaskSpace(StructuredSpace):
     """Only ``fraction`` of each structured tensor's entries (a random mask,
@@ -277,7 +297,10 @@ class RandomMaskSpace(StructuredSpace):
         flat[self.structure(name, shape, client_id, round_num, seed)] = sent.reshape(-1).to(flat.dtype)
         return flat.reshape(shape)
 
-    def coverage(self, structure, shape):
+    def coverage(self, template, client_id, round_num, seed):
+        return super().coverage(template, client_id, round_num, seed) if self.per_coordinate else None
+
+    def held(self, structure, shape):
         if not self.per_coordinate:
             return None
         held = torch.zeros(_numel(shape), dtype=torch.bool)
@@ -310,8 +333,8 @@ class LowRankUpdates(FederatedAlgorithm):
         super().__init__(*args, **kwargs)
         _check_aggregator(self, no_feedback=LOWRANK_NO_FEEDBACK)
 
-    def update_space(self) -> LowRankSpace:
-        return LowRankSpace(self.seed, **self._space_args)
+    def update_space(self) -> UpdateSpace:
+        return on_the_wire(self, LowRankSpace(self.seed, **self._space_args))
 
 
 class RandomMaskUpdates(FederatedAlgorithm):
@@ -327,8 +350,8 @@ class RandomMaskUpdates(FederatedAlgorithm):
         super().__init__(*args, **kwargs)
         _check_aggregator(self)
 
-    def update_space(self) -> RandomMaskSpace:
-        return RandomMaskSpace(self.seed, **self._space_args)
+    def update_space(self) -> UpdateSpace:
+        return on_the_wire(self, RandomMaskSpace(self.seed, **self._space_args))
 
 
 def lowrank_updates(model_fn: Any = None, client_optimizer: Any = None, server_optimizer: Any = None,

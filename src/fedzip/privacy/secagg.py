@@ -61,6 +61,23 @@ training sums, stage reports such as clipping's norm) and tensor groups of
 algorithms such as SCAFFOLD. The mean is unweighted (codes add only with
 equal weights).
 
+**Clients that hold part of the model** (federated dropout, random-mask and
+low-rank updates: :mod:`fedzip.algorithms.space`). Masks cancel only in a
+position-by-position sum, so each client sends its update on the model's
+coordinates (:class:`~fedzip.algorithms.space.ModelCoordinates`: zeros
+where it held nothing, ``B·A`` for low rank), encoded and masked as any
+update: its uplink is the whole model's, the price of hiding it in the sum
+(its downlink and compute still shrink). The server divides each
+coordinate's sum by the number of surviving clients that held it, which it
+computes from the layouts alone (seed, round, client id), as it does
+without secure aggregation: it learns nothing more than the sum. Two
+consequences: a coordinate held by ``h`` surviving clients is the sum of
+those ``h`` updates, so there it hides one client's value among ``h``, not
+among the cohort (``secagg/fewest_per_coordinate`` reports the smallest ``h``
+of a round); and a non-holder's zeros are encoded like any value (with
+``SharedScaleQuantization`` a zero rounds to one of the two codes around it,
+unbiased), so they add rounding noise to that coordinate's sum.
+
 **What the simulation does on the clients' behalf.** Phases 0, 1 and 3 run
 in the server's process: :class:`SecureSum` drives a :class:`SecAggClient`
 per client, and only bytes cross between the two (each message is a
@@ -89,7 +106,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fedzip.aggregators import Accumulator, Aggregate, Aggregator
+from fedzip.aggregators import Accumulator, Aggregate, Aggregator, check_coverage, count_holders
 from fedzip.bitpack import pack_bits, unpack_bits
 from fedzip.codecs import Codec, CodecPolicy, as_policy
 from fedzip.errors import ConfigError, PayloadError, RoundFailedError
@@ -449,6 +466,8 @@ class SecureSum(Accumulator):
         self.messages: list[tuple[str, str, str, int]] = []
         self.survivors: set[int] = set()
         self.responders: list[int] = []
+        #: per coordinate, how many surviving clients held it (float64); None while each held all
+        self.per_coordinate: dict[str, torch.Tensor] | None = None
         self._ready = False
         self._unmasked = False
 
@@ -515,8 +534,13 @@ class SecureSum(Accumulator):
         raise ConfigError("a masked input is folded with fold_masked(client_id, tensors): the server "
                           "must know whose masks to remove")
 
-    def fold_masked(self, client_id: str, tensors: Sequence[TensorRecord]) -> None:
-        """Add one client's masked input mod ``2^m`` (validated first, then added whole)."""
+    def fold_masked(self, client_id: str, tensors: Sequence[TensorRecord],
+                    coverage: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Add one client's masked input mod ``2^m`` (validated first, then added whole).
+        ``coverage``: the coordinates it held (bool masks by tensor, a tensor left
+        out held whole; None: all), which the server derives from the client's
+        layout, never from its input: the sum of each coordinate is then
+        divided by the number of clients that held it (see the module doc)."""
         if not self._ready or self._unmasked:
             raise PayloadError("secure aggregation: a masked input outside the masked-input phase")
         i = self.index.get(client_id)
@@ -532,9 +556,11 @@ class SecureSum(Accumulator):
             if t.shape != shape or t.codec != MASKED_TAG:
                 raise PayloadError(f"tensor {name!r}: {t.codec} {t.shape}, expected {MASKED_TAG} {shape}")
             values[name] = unpack_bits(t.body, self.modulus[name], math.prod(shape))
+        check_coverage(coverage, self.template)
         for name, v in values.items():
             self.sums[name] += v.astype(np.uint64)
             self.sums[name] &= np.uint64((1 << self.modulus[name]) - 1)
+        self.per_coordinate = count_holders(self.per_coordinate, self.template, self.count, coverage)
         self.survivors.add(i)
         self.count += 1
         self.messages.append(("masked_input", "up", client_id, 8 * sum(len(t.body) for t in tensors)))
@@ -628,8 +654,10 @@ class SecureSum(Accumulator):
         for name in self.names:
             shape = self.template[name][0]
             total = torch.from_numpy(self.sums[name].astype(np.int64))
+            # every survivor's codes are in the sum (a non-holder's encode its zeros): decoded for all
             sums[name] = self._codec(name).decode_sum(total, self.count, shape).to(torch.float64)
-        return Aggregate(sums, float(self.count), self.count)
+        weights = dict(self.per_coordinate) if self.per_coordinate is not None else float(self.count)
+        return Aggregate(sums, weights, self.count)
 
     def measurements(self) -> dict[str, float]:
         """Bits by phase (totals up and down; per client: protocol messages over
@@ -656,6 +684,9 @@ class SecureSum(Accumulator):
         out["secagg/survivors"] = len(self.survivors)
         out["secagg/dropped_before_upload"] = n - len(self.survivors)
         out["secagg/dropped_before_unmask"] = len(self.survivors) - len(self.responders) if self._unmasked else 0
+        if self.per_coordinate is not None:  # clients held part of the model: the fewest in a coordinate's sum
+            held = [c[c > 0] for c in self.per_coordinate.values()]
+            out["secagg/fewest_per_coordinate"] = min((float(c.min()) for c in held if c.numel()), default=0.0)
         return out
 
 
