@@ -58,7 +58,7 @@ from pathlib import Path
 
 from fedzip.data.unipen import default_unipen_root
 from fedzip.metrics import format_bits, read_jsonl
-from fedzip.sweep import Sweep, run_sweep, t_interval
+from fedzip.sweep import Sweep, json_safe, mean_sd, run_sweep, t_interval
 
 BLOCK = 65536
 # (label, uplink aggregator spec, downlink broadcast spec)
@@ -93,11 +93,6 @@ def build_sweep(settings, dataset: str, rounds: int, eval_every: int, client_lr:
     })
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
-    return m, sd
-
 
 def _pm(m: float, sd: float, scale: float = 1.0, digits: int = 4) -> str:
     return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if math.isfinite(sd) else "")
@@ -129,8 +124,8 @@ def summarize(result, settings) -> list[dict]:
             mean, low, high = t_interval([a for _, a in pts])
             curve.append((sum(b for b, _ in pts) / len(pts), mean))
             band.append((low, high))
-        final_m, final_sd = _mean_sd([p["final"] for p in per_seed])
-        last3_m, last3_sd = _mean_sd([p["last3"] for p in per_seed])
+        final_m, final_sd = mean_sd([p["final"] for p in per_seed])
+        last3_m, last3_sd = mean_sd([p["last3"] for p in per_seed])
         _, lo, hi = t_interval([p["final"] for p in per_seed])
         rows.append({
             "label": label, "aggregator": aggregator, "broadcast": broadcast, "n": len(per_seed),
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(result, wanted)
 
     base = print_table(rows, seeds)
-    (out / "summary.json").write_text(json.dumps(_clean(rows), indent=1))
+    (out / "summary.json").write_text(json.dumps(json_safe(rows), indent=1))
     plot(rows, out / "accuracy_vs_bits.png")
     print(f"\nplot: {out / 'accuracy_vs_bits.png'}; per run: {out / 'results.csv'}")
     if result.failed:
@@ -236,16 +231,6 @@ def goal_line(rows: list[dict], base: dict, seeds: list[int], points: float, rat
     return f"{goal}: not met (one seed gives no interval)" if len(seeds) < 2 else f"{goal}: not met"
 
 
-def _clean(obj):
-    """NaN (an interval of one seed) as null: summary.json stays plain JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
 
 def _delta(r: dict, base: dict | None) -> tuple[float, float]:
     """Mean and sd over the shared seeds of the paired difference in last-3 accuracy
@@ -255,7 +240,7 @@ def _delta(r: dict, base: dict | None) -> tuple[float, float]:
     shared = [s for s in r["last3_by_seed"] if s in base["last3_by_seed"]]
     if not shared:
         return r["last3"] - base["last3"], float("nan")
-    return _mean_sd([r["last3_by_seed"][s] - base["last3_by_seed"][s] for s in shared])
+    return mean_sd([r["last3_by_seed"][s] - base["last3_by_seed"][s] for s in shared])
 
 
 def _delta_interval(r: dict, base: dict | None) -> tuple[float, float, float]:

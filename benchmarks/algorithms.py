@@ -99,7 +99,7 @@ from typing import Any
 from fedzip.config import RunConfig
 from fedzip.errors import ConfigError
 from fedzip.metrics import format_bits, read_jsonl
-from fedzip.sweep import Sweep, SweepResult, run_sweep, t_interval
+from fedzip.sweep import Sweep, SweepResult, json_safe, mean_sd, run_sweep, t_interval
 
 CLIENTS_PER_ROUND = 10
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -366,13 +366,6 @@ def client_mismatches(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{ds} {alg} seed {s}" for ds, alg, s in bad]
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; NaN for one value, both NaN for none)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
 def mean_curve(runs: list[dict[str, Any]]) -> list[list[float]]:
     """[round, mean cumulative uplink bits, mean accuracy, 95% t-interval low, high] at every
     round all the runs evaluated."""
@@ -399,15 +392,15 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pairs = [(r, refs[(ds, alg, r["seed"])]) for r in rs if (ds, alg, r["seed"]) in refs]
         d = [100 * (r["last3"] - f["last3"]) for r, f in pairs] if var != "float32" else []
         d_mean, d_low, d_high = t_interval(d)
-        final, final_sd = _mean_sd([r["final"] for r in rs])
-        last3, last3_sd = _mean_sd([r["last3"] for r in rs])
+        final, final_sd = mean_sd([r["final"] for r in rs])
+        last3, last3_sd = mean_sd([r["last3"] for r in rs])
         sides = {side: list(dict.fromkeys(g for r in rs for g in r["bpp"][side])) for side in ("up", "down")}
         out.append({
             "dataset": ds, "algorithm": alg, "variant": var, "tune": rs[0]["tune"], "n": len(rs),
             "seeds": [r["seed"] for r in rs],
             "final": final, "final_sd": final_sd, "last3": last3, "last3_sd": last3_sd,
             "last3_by_seed": {str(r["seed"]): r["last3"] for r in rs},
-            "n_paired": len(d), "d": d_mean, "d_sd": _mean_sd(d)[1], "d_ci95": [d_low, d_high],
+            "n_paired": len(d), "d": d_mean, "d_sd": mean_sd(d)[1], "d_ci95": [d_low, d_high],
             "d_by_seed": {str(r["seed"]): x for (r, _), x in zip(pairs, d, strict=False)},
             "ref_last3": statistics.mean(f["last3"] for _, f in pairs) if pairs else math.nan,
             "up": statistics.mean(r["up"] for r in rs), "down": statistics.mean(r["down"] for r in rs),
@@ -538,16 +531,6 @@ def plot(groups: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def _clean(obj: Any) -> Any:
-    """NaN (an interval of one seed) as null: summary.json stays plain JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def write_outputs(out: Path, summary: dict[str, Any], groups: list[dict[str, Any]]) -> str:
@@ -716,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                "tune": args.tune, "titles": titles, "same_clients": not bad, "wall_s": wall, "run_s": run_s,
                "head": head, "failed": failed, "rows": rows, "groups": groups}
     text = write_outputs(out, summary, groups)
-    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=1, default=str), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, default=str), encoding="utf-8")
     print("\n" + text)
     print(f"\nplots: {out}/algorithms_<dataset>.png; table: {out / 'table.txt'}; summary: {out / 'summary.json'}; "
           f"per run: {out}/<dataset>/results.csv")

@@ -119,7 +119,7 @@ from fedzip.config import RunConfig
 from fedzip.errors import DataError
 from fedzip.metrics import read_jsonl
 from fedzip.run import build_algorithm
-from fedzip.sweep import Sweep, run_sweep, t_interval
+from fedzip.sweep import Sweep, mean_sd, run_sweep, t_interval
 
 GOAL_POINTS, GOAL_BITS = 1.0, 16
 TASK = {"small": "images_small", "cnn": "images"}
@@ -233,11 +233,6 @@ def per_run(history: list[dict[str, Any]], setting: dict[str, Any], numbers: dic
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
-    return m, sd
-
 
 def _pm(m: float, sd: float, scale: float = 1.0, digits: int = 4) -> str:
     return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if math.isfinite(sd) else "")
@@ -272,7 +267,7 @@ def summarize(result: Any, wanted: list[dict[str, Any]], numbers: dict[str, dict
                                "by_seed": {k: by[k]["last3"] for k in sorted(by)},
                                "per_seed": {k: by[k] for k in sorted(by)}}
         for key in ("final", "last3"):
-            row[key], row[f"{key}_sd"] = _mean_sd([p[key] for p in ps])
+            row[key], row[f"{key}_sd"] = mean_sd([p[key] for p in ps])
         for key in ("bits_per_coord", "tensor_bits_per_coord", "expected_wrapped_per_round", "s_per_round"):
             row[key] = statistics.mean(p[key] for p in ps)
         for key in ("epsilon", "epsilon_general", "z", "gamma", "mean_norm_first", "mean_norm",
@@ -286,7 +281,7 @@ def summarize(result: Any, wanted: list[dict[str, Any]], numbers: dict[str, dict
         d_nodp = _paired(row, nodp) if row is not nodp else []
         row["vs_nodp"] = statistics.mean(d_nodp) if d_nodp else math.nan
         d = _paired(row, ref) if row is not ref else []
-        row["vs_central"], row["vs_central_sd"] = _mean_sd(d) if d else (math.nan, math.nan)
+        row["vs_central"], row["vs_central_sd"] = mean_sd(d) if d else (math.nan, math.nan)
         _, row["vs_central_low"], row["vs_central_high"] = t_interval(d)
     return rows
 
@@ -432,14 +427,14 @@ def goal(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
           + (": one seed gives no interval" if n < 2 else ""))
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN and inf as null: summary.json stays plain JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -533,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print_secure(secure)
     if rows:
         goal(rows, args)
-        (out / "summary.json").write_text(json.dumps(_clean(
+        (out / "summary.json").write_text(json.dumps(json_safe(
             {"args": vars(args), "population": population, "dims": dims, "rows": rows, "secagg": secure}), indent=1))
     if failed:
         print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}; run again to resume them")

@@ -80,7 +80,7 @@ from fedzip.data import load_dataset
 from fedzip.errors import DataError
 from fedzip.metrics import format_bits, read_jsonl
 from fedzip.run import build_algorithm
-from fedzip.sweep import Sweep, run_sweep, t_interval
+from fedzip.sweep import Sweep, json_safe, mean_sd, run_sweep, t_interval
 
 F = 1 / 32  # the structured and sketched updates' size: 1/32 of each weight (uplink ~32x)
 SKETCH_THRESHOLD = 1024  # sketches leave tensors this small whole, as the structures leave biases
@@ -189,11 +189,6 @@ def setting_macs(base: dict[str, Any], names: list[str], train: Any, info: Any) 
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
-    return m, sd
-
 
 def _pm(m: float, sd: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if math.isfinite(sd) else "")
@@ -241,7 +236,7 @@ def summarize(result: Any, names: list[str], macs: dict[str, int]) -> tuple[list
             mean, low, high = t_interval([a for _, a in pts])
             curve.append({"round": rnd, "total_bits": sum(b for b, _ in pts) / len(pts), "mean": mean,
                           "low": low, "high": high})
-        acc, acc_sd = _mean_sd([p["acc"] for p in ps])
+        acc, acc_sd = mean_sd([p["acc"] for p in ps])
         row = {"setting": s, "n": len(ps), "seeds": sorted(by), "acc": acc, "acc_sd": acc_sd,
                "acc_by_seed": {k: by[k]["acc"] for k in sorted(by)}, "macs_step": macs[s], "curve": curve}
         for key in ("final", "down", "up", "train_s", "client_s", "macs"):
@@ -257,7 +252,7 @@ def summarize(result: Any, names: list[str], macs: dict[str, int]) -> tuple[list
         row["x_macs"] = ref["macs"] / row["macs"]
         shared = [k for k in row["acc_by_seed"] if k in ref["acc_by_seed"]]
         diffs = [100 * (row["acc_by_seed"][k] - ref["acc_by_seed"][k]) for k in shared]
-        row["d_points"], row["d_sd"] = _mean_sd(diffs) if diffs else (math.nan, math.nan)
+        row["d_points"], row["d_sd"] = mean_sd(diffs) if diffs else (math.nan, math.nan)
         _, row["d_low"], row["d_high"] = t_interval(diffs)
     return rows, same
 
@@ -367,16 +362,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _clean(obj: Any) -> Any:
-    """NaN (an interval of one seed) as null: summary.json stays plain JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -430,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     goal_line(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(_clean({"args": vars(args), "results": results}), indent=1))
+    (out / "summary.json").write_text(json.dumps(json_safe({"args": vars(args), "results": results}), indent=1))
     plot(results, out / "readings.png")
     print(f"plot: {out / 'readings.png'}; summary: {out / 'summary.json'}; runs: {out}/<task>")
     return 1 if any(r["failed"] for r in results) else 0

@@ -60,12 +60,12 @@ import os
 import sys
 from pathlib import Path
 
-from accuracy_vs_bits import _clean, goal_line, plot, print_table, summarize
+from accuracy_vs_bits import goal_line, plot, print_table, summarize
 
 from fedzip.data import load_dataset
 from fedzip.errors import DataError
 from fedzip.metrics import read_jsonl
-from fedzip.sweep import Sweep, run_sweep
+from fedzip.sweep import Sweep, json_safe, run_sweep
 
 EDEN1 = {"type": "mean", "codec": {"type": "eden", "bits": 1}, "threshold": 0}
 EDEN05 = {"type": "mean", "codec": {"type": "eden", "bits": 0.5}, "threshold": 0}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nclients: {'the same' if same_clients(result) else 'NOT the same'} in every setting of a seed, "
           "round by round (checked: examples trained on per round)")
     base = print_table(rows, seeds)
-    (out / "summary.json").write_text(json.dumps(_clean(rows), indent=1))
+    (out / "summary.json").write_text(json.dumps(json_safe(rows), indent=1))
     plot(rows, out / "shakespeare.png", TITLE)
     print(f"\nplot: {out / 'shakespeare.png'}; per run: {out / 'results.csv'}")
     if result.failed:

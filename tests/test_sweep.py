@@ -227,6 +227,16 @@ def test_dry_run_lists_the_runs_and_writes_nothing(tmp_path, capsys):
     assert "2 new" in said and "new      seed=1" in said and not (tmp_path / "o").exists()
 
 
+def test_mean_sd_and_json_safe_by_hand():
+    from fedzip.sweep import json_safe, mean_sd
+
+    m, sd = mean_sd([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and sd == pytest.approx(0.1)        # sqrt(((-.1)^2 + 0 + .1^2) / 2)
+    assert mean_sd([0.5])[0] == 0.5 and math.isnan(mean_sd([0.5])[1])
+    assert all(math.isnan(v) for v in mean_sd([]))
+    assert json_safe({"a": [1.0, math.nan, (math.inf, 2)], "b": "x"}) == {"a": [1.0, None, [None, 2]], "b": "x"}
+
+
 def test_the_t_interval_over_seeds_by_hand():
     mean, low, high = t_interval([0.5, 0.6, 0.7])
     half = T_975[2] * 0.1 / math.sqrt(3)  # sd of 0.5, 0.6, 0.7 is 0.1

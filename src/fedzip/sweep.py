@@ -424,6 +424,27 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return m, m - half, m + half
 
 
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation, ``n - 1``) of ``values``: "mean ± sd
+    over seeds". The sd is NaN for one value; both are NaN for none."""
+    if not values:
+        return math.nan, math.nan
+    m = sum(values) / len(values)
+    return m, (_std(values) if len(values) > 1 else math.nan)  # type: ignore[return-value]
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (an interval of one seed), so a
+    summary stays plain JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _std(values: Sequence[float]) -> float | None:
     if len(values) < 2:
         return None
