@@ -306,7 +306,7 @@ def test_failing_and_crashing_clients_are_reported_and_the_round_goes_on(ray_exe
         results[name] = (state, m1, m2)
     state, m1, m2 = results["ray"]
     reasons = {f["client_id"]: f["reason"] for f in m1["failures"]}
-    assert m1["clients/failed"] == 2 and m1["clients/succeeded"] == 6
+    assert m1["clients/failed"] == 2 and m1["clients/succeeded"] == 6, reasons
     assert "ValueError: bad data on c1" in reasons[ids[1]]
     assert "worker died" in reasons[ids[4]] and "replaced" in reasons[ids[4]]
     assert m2["clients/failed"] == 1 and m2["clients/succeeded"] == 3
