@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fedzip
-from fedzip.aggregators import AdaptiveNorm
+from fedzip.aggregators import AdaptiveNorm, ExactFloat32Sums
 from fedzip.codecs import UniformQuantization
 from fedzip.errors import ConfigError, NonFiniteUpdateError
 from fedzip.wire import Kind, decode_message, encode_message
@@ -130,3 +130,56 @@ def test_uniform_quantizer_round_trip_and_unbiased():
     det = UniformQuantization(bits=4, stochastic=False)
     yd = det.decode(det.encode(x, g), (5000,))
     assert (yd - x).abs().max() <= (hi - lo) / 15 / 2 * (1 + 1e-5)
+
+
+def _fold_all(agg, updates, weights):
+    acc = agg.accumulator(updates[0])
+    for i, (u, w) in enumerate(zip(updates, weights, strict=True)):
+        records, _, _ = agg.client_encode({}, u, torch.Generator().manual_seed(i))
+        acc.fold(records, w)
+    return acc
+
+
+def _float64_mean(sums, weight_sum):
+    """The reference: float64 sums divided in float64, rounded to float32."""
+    return {k: (v.double() / weight_sum).to(torch.float32) for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("weights", [[20, 37, 1, 95, 4], [1.0] * 5, [0.5, 0.25, 3.0, 1.5, 0.125]])
+def test_a_round_of_one_block_divides_in_float32_to_the_float64_bits(weights):
+    # magnitudes from 1e-38 (the division lands among float32's subnormals) to 1e30
+    g = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-38, 30, 4001)
+    updates = [{"w": torch.randn(4001, generator=g) * scale, "b": torch.randn(3, generator=g)} for _ in weights]
+    agg = fedzip.mean()
+    aggregate = _fold_all(agg, updates, weights).result()
+    sums = aggregate.sums
+    assert isinstance(sums, ExactFloat32Sums) and sums.float32() is not None
+    like = {k: (tuple(v.shape), torch.device("cpu")) for k, v in updates[0].items()}
+    fast = aggregate.mean(like)
+    # the float64 sums, read through the view, are the float32 block exactly
+    block = {k: v.clone() for k, v in sums.float32().items()}
+    assert all(torch.equal(sums[k], block[k].double()) for k in block)
+    reference = _float64_mean(block, float(sum(weights)))
+    assert all(torch.equal(fast[k], reference[k]) for k in reference)
+    assert int((fast["w"].abs() < 1.2e-38).sum()) > 0  # subnormal quotients were compared too
+
+
+def test_a_stage_that_reads_the_sums_gets_float64_and_its_changes_count():
+    updates = [_vec(1.0, 2.0), _vec(3.0, 6.0)]
+    aggregate = _fold_all(fedzip.mean(), updates, [1, 3]).result()
+    aggregate.sums["w"].mul_(2.0)  # a stage changing the float64 sums in place
+    assert aggregate.sums.float32() is None and aggregate.sums["w"].dtype == torch.float64
+    assert torch.equal(aggregate.mean({"w": ((2,), torch.device("cpu"))})["w"], torch.tensor([5.0, 10.0]))
+
+
+def test_rounds_past_one_block_or_with_huge_weights_sum_in_float64():
+    from fedzip.aggregators import StreamingMean
+
+    many = [_vec(float(i)) for i in range(StreamingMean.BLOCK + 1)]
+    aggregate = _fold_all(fedzip.mean(), many, [1.0] * len(many)).result()
+    assert not isinstance(aggregate.sums, ExactFloat32Sums) and aggregate.sums["w"].dtype == torch.float64
+    assert float(aggregate.mean({"w": ((1,), torch.device("cpu"))})["w"]) == sum(range(len(many))) / len(many)
+    huge = _fold_all(fedzip.mean(), [_vec(1.0), _vec(3.0)], [1.0, 1e30]).result()
+    assert not isinstance(huge.sums, ExactFloat32Sums)
+    assert float(huge.mean({"w": ((1,), torch.device("cpu"))})["w"]) == 3.0

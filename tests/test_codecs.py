@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -390,3 +391,14 @@ def test_default_rotation_blocks_pad_less_than_one_rotation_of_the_whole_tensor(
     for data, codec in ((blocked, C.EDEN(1)), (whole, C.EDEN(1, block_size=None))):
         y = codec.decode(data, (d,))
         assert 0.45 < float((y - x).square().sum() / x.square().sum()) < 0.7  # EDEN's 0.571 at 1 bit
+
+
+def test_uniforms_float32_are_numpys_own_draws():
+    from fedzip.codecs import base
+
+    assert base._RAW_UNIFORMS_MATCH == (sys.byteorder == "little")  # the fast path runs here
+    for seed in range(3):
+        for n in (0, 1, 2, 7, 1000, 1001):
+            ours = base.uniforms_float32(torch.Generator().manual_seed(seed), n)
+            ref = base.numpy_generator(torch.Generator().manual_seed(seed)).random(n, dtype=np.float32)
+            assert ours.dtype == np.float32 and np.array_equal(ours, ref)

@@ -14,7 +14,9 @@ AssertionError with a message naming the codec, the input and what failed.
 * :func:`check_round_trip_shape` (shape and dtype): ``encode`` returns
   ``bytes`` and ``decode`` returns a finite float32 CPU tensor of the shape;
 * :func:`check_deterministic_given_rng` (determinism): the same seed gives
-  the same bytes, and the same bytes decode to the same tensor;
+  the same bytes, and the same bytes decode to the same tensor, through
+  ``encode``/``decode`` and through the round's paths ``encode_view`` and
+  ``decode_view`` alike;
 * :func:`check_bits_match_bytes` (exact bytes): ``decode`` consumes all of
   the payload: with a byte more or a byte less it raises
   :class:`~fedzip.errors.PayloadError` (so bits = 8 x payload length);
@@ -202,6 +204,11 @@ def check_deterministic_given_rng(codec: Codec, x: torch.Tensor, *, seed: int = 
     assert again == data, f"{what}: the same seed gave different bytes (not deterministic)"
     out1, out2 = codec.decode(data, shape), codec.decode(data, shape)
     assert torch.equal(out1, out2), f"{what}: decoding the same bytes twice differs"
+    # what a round runs: the client encodes through encode_view, the server folds decode_view
+    view = codec.encode_view(x, _gen(seed))
+    assert bytes(view) == data, f"{what}: encode_view gave other bytes than encode"
+    assert torch.equal(codec.decode_view(memoryview(data), shape), out1), \
+        f"{what}: decode_view gave another tensor than decode"
 
 
 def check_bits_match_bytes(

@@ -98,6 +98,42 @@ def numpy_generator(rng: torch.Generator) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def uniforms_float32(rng: torch.Generator, n: int) -> np.ndarray:
+    """``numpy_generator(rng).random(n, dtype=np.float32)``, the same floats in
+    about 70% of the time (2.1 against 1.5 ms for 1.6 M: stochastic rounding's
+    largest cost). numpy makes each float32 as ``(u >> 8) * 2^-24`` from a
+    32-bit draw, and PCG64 gives two 32-bit draws per 64-bit output, low half
+    first; this draws the 64-bit outputs in one call and does the rest with
+    array operations. Falls back to numpy's method where that layout does not
+    hold (checked once against numpy itself)."""
+    g = numpy_generator(rng)
+    if not _RAW_UNIFORMS_MATCH:
+        return g.random(n, dtype=np.float32)
+    return _uniforms_from_raw(g, n)
+
+
+def _uniforms_from_raw(g: np.random.Generator, n: int) -> np.ndarray:
+    halves = g.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
+    np.right_shift(halves, 8, out=halves)
+    out = halves.astype(np.float32)
+    out *= np.float32(2.0**-24)
+    return out
+
+
+def _raw_uniforms_match() -> bool:
+    if sys.byteorder != "little":
+        return False
+    try:
+        return all(np.array_equal(_uniforms_from_raw(np.random.default_rng(s), n),
+                                  np.random.default_rng(s).random(n, dtype=np.float32))
+                   for s, n in ((0, 1), (1, 2), (2, 7), (3, 64)))
+    except (AttributeError, TypeError, ValueError):  # another bit generator, another numpy
+        return False
+
+
+_RAW_UNIFORMS_MATCH = _raw_uniforms_match()
+
+
 def to_numpy_f32(x: torch.Tensor) -> np.ndarray:
     """A contiguous little-endian float32 numpy view of ``x`` (copied to CPU if needed)."""
     return x.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()

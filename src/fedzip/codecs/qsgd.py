@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedzip.codecs.base import Reader, f32_at_least, flat_input, norm64, numel_of, numpy_generator
+from fedzip.codecs.base import Reader, f32_at_least, flat_input, norm64, numel_of, uniforms_float32
 from fedzip.codecs.symbols import Side, SymbolCodec, Symbols
 from fedzip.errors import ConfigError, PayloadError
 
@@ -57,7 +57,7 @@ class QSGD(SymbolCodec):
         norms = f32_at_least(norm64(rows, dim=1).numpy())  # never below the true norm: level <= s
         inv = np.divide(s, norms.astype(np.float64), out=np.zeros(nb), where=norms > 0).astype(np.float32)
         scaled = rows.abs().mul_(torch.from_numpy(inv)[:, None]).reshape(-1)[:d]
-        u = torch.from_numpy(numpy_generator(rng).random(d, dtype=np.float32))
+        u = torch.from_numpy(uniforms_float32(rng, d))
         level = scaled.add_(u).floor_().clamp_(0, s)
         sym = torch.where(v < 0, -level, level).add_(s).to(torch.int32).numpy()
         dtype = np.uint8 if 2 * s + 1 <= 256 else np.uint16

@@ -23,12 +23,14 @@ Efficiency", 2016.
 from __future__ import annotations
 
 import struct
+import sys
+import warnings
 
 import numpy as np
 import torch
 
 from fedzip.bitpack import pack_bits, packed_size, unpack_bits
-from fedzip.codecs.base import Reader, check_finite, finite_output, numel_of, numpy_generator
+from fedzip.codecs.base import Reader, check_finite, finite_output, numel_of, uniforms_float32
 from fedzip.codecs.symbols import Side, SymbolCodec, Symbols
 from fedzip.errors import ConfigError, PayloadError
 
@@ -66,36 +68,63 @@ class UniformQuantization(SymbolCodec):
         # Unbiased only with stochastic rounding and a range that never clips.
         return self.stochastic and self.range is None
 
-    def _codes(self, x: torch.Tensor, rng: torch.Generator) -> tuple[bytes, np.ndarray, float, float]:
-        check_finite(x)
+    def _levels(self, x: torch.Tensor, rng: torch.Generator, checked: bool = False
+                ) -> tuple[bytes, torch.Tensor | None, float, float]:
+        """The range header, and each value's level before truncation: float32
+        in ``[0, levels + 1)``, clamped to ``levels`` (None: every code is 0).
+        Truncating them (a cast to an integer type) gives the codes."""
         v = x.detach().to("cpu", torch.float32).reshape(-1)
         levels = (1 << self.bits) - 1
         if self.range is None:
+            # NaN and Inf reach the min or the max: no separate finite pass
             lo, hi = (float(t) for t in torch.aminmax(v)) if v.numel() else (0.0, 0.0)
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                check_finite(v)  # raises the codecs' NonFiniteUpdateError
             header = _RANGE.pack(lo, hi)
             lo, hi = _RANGE.unpack(header)  # quantize against exactly what is sent
         else:
+            if not checked:
+                check_finite(x)
             lo, hi = self.range
             header = b""
             v = v.clamp(lo, hi)
-        if hi > lo:
-            # in place on one fresh buffer: this loop is the hot path of every round
-            y = v.sub(lo).mul_(levels / (hi - lo))
-            if self.stochastic:
-                u = numpy_generator(rng).random(y.numel(), dtype=np.float32)
-                y.add_(torch.from_numpy(u)).floor_()
-            else:
-                y.round_()
-            y.clamp_(0, levels)
-            # whole numbers in [0, levels]: numpy's cast is 4x faster than torch's here, same codes
-            codes = y.numpy().astype(np.uint8 if self.bits <= 8 else np.int32)
+        if not hi > lo:
+            return header, None, lo, hi
+        # in place on one fresh buffer: this loop is the hot path of every round
+        y = v.sub(lo).mul_(levels / (hi - lo))
+        if self.stochastic:
+            u = uniforms_float32(rng, y.numel())
+            # y + u >= 0, so truncating (the integer cast) is the floor: one pass fewer
+            y.add_(torch.from_numpy(u))
         else:
-            codes = np.zeros(v.numel(), np.uint8)
-        return header, codes, lo, hi
+            y.round_()
+        return header, y.clamp_(0, levels), lo, hi
+
+    def _codes(self, x: torch.Tensor, rng: torch.Generator) -> tuple[bytes, np.ndarray, float, float]:
+        header, y, lo, hi = self._levels(x, rng)
+        if y is None:
+            return header, np.zeros(x.numel(), np.uint8), lo, hi
+        # numpy's cast truncates, and is 4x faster than torch's here
+        return header, y.numpy().astype(np.uint8 if self.bits <= 8 else np.int32), lo, hi
 
     def encode(self, x: torch.Tensor, rng: torch.Generator) -> bytes:
         header, codes, _, _ = self._codes(x, rng)
         return header + pack_bits(codes, self.bits)
+
+    def encode_view(self, x: torch.Tensor, rng: torch.Generator) -> bytes | memoryview:
+        # 8 and 16 bits: the codes are cast straight into the body (no packing
+        # copy, no concatenation); the same bytes as ``encode``
+        if self.bits not in (8, 16) or sys.byteorder != "little":
+            return self.encode(x, rng)
+        header, y, _, _ = self._levels(x, rng, checked=True)
+        body = np.empty(len(header) + packed_size(x.numel(), self.bits), np.uint8)
+        body[: len(header)] = np.frombuffer(header, np.uint8)
+        codes = body[len(header):].view(np.uint8 if self.bits == 8 else np.uint16)
+        if y is None:
+            codes[:] = 0
+        else:
+            np.copyto(codes, y.numpy(), casting="unsafe")
+        return memoryview(body).toreadonly()
 
     def quantize(self, x: torch.Tensor, rng: torch.Generator) -> Symbols:
         header, codes, lo, hi = self._codes(x, rng)
@@ -115,18 +144,31 @@ class UniformQuantization(SymbolCodec):
         levels = (1 << self.bits) - 1
         # in place on one float32 buffer: the same float32 products and sums as
         # numpy's ``codes * step + lo``, half the memory traffic
-        codes = torch.from_numpy(np.ascontiguousarray(symbols)).to(torch.float32)
+        with warnings.catch_warnings():
+            # codes read in place from the message are read-only: only read here (cast to a new tensor)
+            warnings.simplefilter("ignore", UserWarning)
+            codes = torch.from_numpy(np.ascontiguousarray(symbols)).to(torch.float32)
         return codes.mul_(float(np.float32((hi - lo) / levels))).add_(float(np.float32(lo))).reshape(shape)
 
     def decode(self, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
+        return finite_output(self._decode(data, shape, view=False), shape, "quantized tensor")
+
+    def decode_view(self, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
+        # the caller checks the values finite; 8 and 16-bit codes are read in place
+        return self._decode(data, shape, view=True)
+
+    def _decode(self, data: bytes | memoryview, shape: tuple[int, ...], view: bool) -> torch.Tensor:
         n = numel_of(shape)
         head = _RANGE.size if self.range is None else 0
         expected = head + packed_size(n, self.bits)
         if len(data) != expected:
             raise PayloadError(f"{self.bits}-bit quantized tensor: expected {expected} bytes, got {len(data)}")
         side = self.read_side(Reader(data[:head], self.tag), shape)
-        codes = unpack_bits(data[head:], self.bits, n)
-        return finite_output(self.dequantize(codes, side, shape), shape, "quantized tensor")
+        if view and self.bits in (8, 16) and sys.byteorder == "little":
+            codes = np.frombuffer(data, np.uint8 if self.bits == 8 else np.uint16, count=n, offset=head)
+        else:
+            codes = unpack_bits(data[head:], self.bits, n)
+        return self.dequantize(codes, side, shape)
 
     def max_encoded_size(self, shape: tuple[int, ...]) -> int:
         return _RANGE.size + packed_size(numel_of(shape), self.bits)
