@@ -491,7 +491,12 @@ class _Round:
                     ray.cancel(r)
                 heapq.heappush(self.retry, idxs)
             except ray.exceptions.RayError as e:
-                self._fail(idxs, _one_line(e))
+                if blamed:  # queued behind the chunk it died in: never ran, whatever Ray calls its loss
+                    heapq.heappush(self.retry, idxs)
+                    self.ex.stats["tasks_resubmitted"] += len(idxs)
+                else:
+                    self._fail(idxs, _one_line(e))
+                    blamed = True
             else:
                 self._accept(idxs, value)
 
