@@ -23,9 +23,13 @@ torch threads, as the references; and, with ``--layouts``, on the processes
 backend (``ProcessExecutor``: workers x threads per worker). Goals: fedzip
 mean <= 1.02 x floor, compression <= 1.08 x floor, mean <= 0.85 x naive
 (in process, the references' threads). The ratios are of the medians, and in
-parentheses the median of the per-round ratios (paired rounds) and the ratio
+parentheses the median of the per-round ratios (paired rounds) with its 95%
+distribution-free interval (order statistics, the sign test's), and the ratio
 of CPU seconds per round (this process and its worker processes: on cores
-that other processes share, wall time also counts the waits for a core).
+that other processes share, wall time also counts the waits for a core). A
+goal is met when the whole interval is under it, missed when it is over it,
+and unresolved otherwise: rounds on a shared machine vary by several percent,
+as much as the gaps the goals are about.
 
 Where the time goes: the median per round of fedzip's ``time/...`` metrics
 (client figures summed over the clients: on several processes their sum
@@ -187,6 +191,31 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK") if pids else 0.0
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``: order
+    statistics ``k`` and ``n + 1 - k``, with the largest ``k`` whose binomial
+    coverage is at least ``level`` (the sign test's interval). Too few values
+    for the level: their min and max."""
+    from scipy.stats import binom
+
+    x = sorted(values)
+    n = len(x)
+    k = 0
+    while k + 1 <= n // 2 and 1 - 2 * binom.cdf(k, n, 0.5) >= level:
+        k += 1  # P(X_(k+1) <= median <= X_(n-k)) = 1 - 2 P(Bin(n, 1/2) <= k)
+    return (x[k - 1], x[n - k]) if k else (x[0], x[-1])
+
+
+def verdict(goal: float | None, lo: float, hi: float) -> str:
+    if goal is None:
+        return "no goal"
+    if hi <= goal:
+        return f"goal <= {goal:.2f}: met"
+    if lo > goal:
+        return f"goal <= {goal:.2f}: MISSED"
+    return f"goal <= {goal:.2f}: unresolved at this noise (more --rounds)"
+
+
 def parse_layouts(text: str) -> list[tuple[int, int]]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -282,10 +311,10 @@ def main() -> None:
     print("(CPU s: this process's CPU time and, on the processes backend, its workers'; on shared cores "
           "it leaves out the time spent waiting for a core)")
 
-    def ratio(a: str, b: str) -> tuple[float, float, float]:
+    def ratio(a: str, b: str) -> tuple[float, float, float, tuple[float, float]]:
         paired = [x / y for x, y in zip(times[a], times[b], strict=True)]
         return (statistics.median(times[a]) / statistics.median(times[b]), statistics.median(paired),
-                statistics.median(cpu[a]) / statistics.median(cpu[b]))
+                statistics.median(cpu[a]) / statistics.median(cpu[b]), median_interval(paired))
 
     print()
     floor_name, naive_name = "floor (fastest loop)", "naive PyTorch loop"
@@ -293,9 +322,11 @@ def main() -> None:
              ("fedzip mean", naive_name, 0.85), ("fedzip compression", naive_name, None)]
     goals += [(f"fedzip mean, processes {w}x{t}", ref, None) for w, t in layouts for ref in (floor_name,)]
     for a, b, goal in goals:
-        r_med, r_pair, r_cpu = ratio(a, b)
-        verdict = "no goal" if goal is None else f"goal <= {goal:.2f}: {'met' if r_med <= goal else 'MISSED'}"
-        print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}, CPU time {r_cpu:.3f}; {verdict})")
+        r_med, r_pair, r_cpu, (lo, hi) = ratio(a, b)
+        print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}, 95% interval [{lo:.3f}, {hi:.3f}]; "
+              f"CPU time {r_cpu:.3f}; {verdict(goal, lo, hi)})")
+    print("(the interval: the paired per-round ratios' median, distribution-free; a goal is met when the "
+          "whole interval is under it, missed when the whole interval is over it)")
 
     print("\nwhere the time goes, median s/round (client figures summed over the clients):")
     cols = list(splits)
