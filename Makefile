@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/round_time.py
+
+# The wheels benchmarks/gpu_check.sh installs on a lent GPU machine (Python 3.12;
+# its image has torch, numpy, scipy, h5py and tensorboard, not these).
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl constriction==0.5.0 zstandard==0.25.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -38,6 +38,11 @@ bookkeeping: bit accounting, metrics).
 
     python benchmarks/round_time.py [--rounds 7] [--threads 2] [--layouts 2x1,1x2]
 
+``--device cuda``: every contender trains on the GPU (fedzip's clients with
+``weighted_fedavg(device=...)``, its server, codecs and wire on the CPU; the
+floor's batches on the device before the timing; the naive loop moves each
+batch), each round timed to ``torch.cuda.synchronize()``; in process only.
+
 ``--task shakespeare``: the same comparison on TFF's Shakespeare baseline: 10
 (play, role) clients of the offline Shakespeare data (the clients seed 0
 samples for round 1: 502 sequences of 80 characters, 130 batches of 4), one
@@ -102,14 +107,16 @@ def plain_cnn() -> nn.Module:
 
 
 def plain_round(global_model: nn.Module, clients: Clients) -> None:
-    """The naive FedAvg round."""
+    """The naive FedAvg round (on the model's device: each batch is moved there)."""
     total = 0
+    device = next(global_model.parameters()).device
     sums = [torch.zeros_like(p) for p in global_model.parameters()]
     for cid in clients.client_ids:
         ex = clients.client(cid)
         model = copy.deepcopy(global_model)
         opt = torch.optim.SGD(model.parameters(), lr=0.02)
         for x, y in DataLoader(TensorDataset(ex.x.unsqueeze(1), ex.y), batch_size=20, shuffle=True):
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -126,11 +133,11 @@ class Floor:
     """The fastest hand-written FedAvg round (see the module doc): built once,
     batches ready, nothing but the training and an in-place weighted sum."""
 
-    def __init__(self, clients: Clients, batch: int = 20, seed: int = 0) -> None:
+    def __init__(self, clients: Clients, batch: int = 20, seed: int = 0, device: str = "cpu") -> None:
         import numpy as np
 
         torch.manual_seed(seed)
-        self.model = fedzip.fedavg_cnn()
+        self.model = fedzip.fedavg_cnn().to(device)
         self.params = list(self.model.parameters())
         self.glob = [p.detach().clone() for p in self.params]
         self.sums = [torch.zeros_like(p) for p in self.params]
@@ -140,8 +147,8 @@ class Floor:
         for cid in clients.client_ids:
             ex = clients.client(cid)
             order = torch.from_numpy(rng.permutation(len(ex)))
-            self.batches.append([(ex.x[order[i:i + batch]].contiguous(), ex.y[order[i:i + batch]].contiguous())
-                                 for i in range(0, len(ex), batch)])
+            self.batches.append([(ex.x[order[i:i + batch]].to(device), ex.y[order[i:i + batch]].to(device))
+                                 for i in range(0, len(ex), batch)])  # on the device before the timing
 
     def round(self) -> None:
         total = 0
@@ -206,9 +213,13 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return (x[k - 1], x[n - k]) if k else (x[0], x[-1])
 
 
-def verdict(goal: float | None, lo: float, hi: float) -> str:
+def verdict(goal: float | None, lo: float, hi: float, n: int = 6) -> str:
+    """The goal against the interval of ``n`` paired ratios (under 6 rounds
+    even their min..max covers the median with less than 95%)."""
     if goal is None:
         return "no goal"
+    if n < 6:
+        return f"goal <= {goal:.2f}: unresolved (too few rounds for a 95% interval)"
     if hi <= goal:
         return f"goal <= {goal:.2f}: met"
     if lo > goal:
@@ -234,8 +245,20 @@ def main() -> None:
     ap.add_argument("--task", choices=("images", "shakespeare"), default="images",
                     help="images: the seed workload (default); shakespeare: the char LSTM")
     ap.add_argument("--client-lr", type=float, default=1.0, help="client SGD lr (shakespeare only)")
+    ap.add_argument("--device", default="cpu",
+                    help="where every contender trains (cpu, cuda): fedzip's clients (weighted_fedavg(device=...)), "
+                         "the floor and the naive loop; images only, in process only (--layouts defaults to none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        if args.task != "images":
+            ap.error("--device: the images task only")
+        try:
+            fedzip.algorithms.base.resolve_device(args.device)
+        except fedzip.ConfigError as e:  # no such device here: one line, not a traceback
+            ap.error(f"--device: {e}")
+        if args.layouts is None:
+            args.layouts = ""
     if args.task == "shakespeare":
         shakespeare_main(args)
         return
@@ -259,7 +282,8 @@ def main() -> None:
         executors.append(ex)
         fedzip_setups.append((f"fedzip mean, processes {w}x{t}", fedzip.mean(), ex))
     for name, agg, ex in fedzip_setups:
-        algo = fedzip.weighted_fedavg(fedzip.fedavg_cnn, sgd, server, agg, executor=ex)
+        algo = fedzip.weighted_fedavg(fedzip.fedavg_cnn, sgd, server, agg, executor=ex,
+                                      device=None if args.device == "cpu" else args.device)
         logdir = Path(tmp.name) / name.replace(" ", "_").replace(",", "")
         logdir.mkdir()
         writers = MultiWriter([JsonlWriter(logdir / "metrics.jsonl"), TensorBoardWriter(logdir)])
@@ -274,10 +298,10 @@ def main() -> None:
                           "writers": time.perf_counter() - t0})
 
         contenders[name] = step
-    floor = Floor(clients)
+    floor = Floor(clients, device=args.device)
     contenders["floor (fastest loop)"] = floor.round
     torch.manual_seed(0)
-    plain_model = plain_cnn()
+    plain_model = plain_cnn().to(args.device)
     contenders["naive PyTorch loop"] = lambda: plain_round(plain_model, clients)
 
     names = list(contenders)
@@ -292,6 +316,8 @@ def main() -> None:
                 c0 = time.process_time() + cpu_seconds(workers)
                 t0 = time.perf_counter()
                 contenders[name]()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()  # the loops' kernels are asynchronous: time them done
                 if r > 0:  # round 0 is the warm-up (and starts the worker processes)
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() + cpu_seconds(workers) - c0)
@@ -301,7 +327,7 @@ def main() -> None:
     for split in splits.values():
         del split[0]  # the warm-up
     n_examples = sum(len(clients.client(c)) for c in clients.client_ids)
-    print(f"seed workload: 10 clients, {n_examples} examples, batch 20, 1 epoch, FedAvg CNN; "
+    print(f"seed workload: 10 clients, {n_examples} examples, batch 20, 1 epoch, FedAvg CNN, on {args.device}; "
           f"{args.threads} torch threads in process, {cores} cores; median of {args.rounds} rounds after a "
           f"warm-up, interleaved")
     print(f"{'contender':34s} {'median s/round':>15s} {'min':>8s} {'max':>8s} {'CPU s/round':>12s}")
@@ -324,7 +350,7 @@ def main() -> None:
     for a, b, goal in goals:
         r_med, r_pair, r_cpu, (lo, hi) = ratio(a, b)
         print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}, 95% interval [{lo:.3f}, {hi:.3f}]; "
-              f"CPU time {r_cpu:.3f}; {verdict(goal, lo, hi)})")
+              f"CPU time {r_cpu:.3f}; {verdict(goal, lo, hi, len(times[a]))})")
     print("(the interval: the paired per-round ratios' median, distribution-free; a goal is met when the "
           "whole interval is under it, missed when the whole interval is over it)")
 

@@ -47,6 +47,18 @@ def test_a_goal_is_met_or_missed_only_by_the_whole_interval(rt):
     assert rt.verdict(1.02, 1.03, 1.10).endswith("MISSED")
     assert "unresolved" in rt.verdict(1.02, 1.00, 1.04)
     assert rt.verdict(None, 1.0, 2.0) == "no goal"
+    assert "too few rounds" in rt.verdict(1.02, 1.03, 1.10, n=5)  # 5 rounds prove nothing at 95%
+
+
+def test_a_device_that_is_not_there_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    out = subprocess.run([sys.executable, str(BENCH / "round_time.py"), "--device", "cuda", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--device" in out.stderr and "CUDA is not available" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def _git_ok() -> bool:
