@@ -7,6 +7,7 @@ import itertools
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +342,31 @@ def test_a_masked_input_is_taken_once_and_only_from_the_cohort():
     with pytest.raises(PayloadError):
         acc.fold_masked("c1", short)
     assert acc.count == 1
+
+
+def test_fedzip_imports_and_trains_without_cryptography_until_secure_aggregation_is_asked_for():
+    """cryptography loads with secure aggregation, not with fedzip: a machine
+    without it (a GPU image) still runs everything else."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['cryptography'] = None\n"  # as if it were not installed
+        "import functools, torch, fedzip\n"
+        "from tests.fakes import TensorClients\n"
+        "assert 'fedzip.privacy.secagg' not in sys.modules\n"
+        "data = TensorClients(n_clients=3)\n"
+        "fa = fedzip.weighted_fedavg(fedzip.fedavg_cnn, functools.partial(torch.optim.SGD, lr=0.1),\n"
+        "                            functools.partial(torch.optim.SGD, lr=1.0), fedzip.compression_aggregator())\n"
+        "_, m = fa.next(fa.init(), data, data.client_ids)\n"
+        "assert m['clients/succeeded'] == 3\n"
+        "try:\n"
+        "    fedzip.secure_mean\n"
+        "except ImportError:\n"
+        "    print('secure aggregation needs cryptography')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert "secure aggregation needs cryptography" in out.stdout

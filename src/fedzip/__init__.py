@@ -7,6 +7,8 @@ The public API is flat::
                                     aggregator=fedzip.compression_aggregator())
 """
 
+from typing import Any
+
 from fedzip import attacks, codecs, metrics, optim, privacy, robust, tasks
 from fedzip.aggregators import (
     AdaptiveNorm,
@@ -60,12 +62,20 @@ from fedzip.errors import (
 )
 from fedzip.execution import LocalExecutor
 from fedzip.models import CharLSTM, FedAvgCNN, SmallCNN, fedavg_cnn
-from fedzip.privacy.secagg import secure_mean
 from fedzip.robust import geometric_median, krum, median, trimmed_mean
 from fedzip.seeding import derive_seed, sample_clients
 from fedzip.tasks import ClassificationMetrics, Task, image_task, resolve_task
 
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str) -> Any:
+    # secure aggregation loads the cryptography package on first use, not with fedzip
+    if name == "secure_mean":
+        from fedzip.privacy.secagg import secure_mean
+
+        return secure_mean
+    raise AttributeError(f"module 'fedzip' has no attribute {name!r}")
 
 __all__ = [
     "ClassificationMetrics", "ClientHooks", "ClientStates", "DiskStates", "FedProx",

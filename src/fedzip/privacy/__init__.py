@@ -23,9 +23,10 @@ from fedzip.privacy.samplers import (
     discrete_laplace_array,
     skellam_array,
 )
-from fedzip.privacy.secagg import SecAggClient, SecAggConfig, SecureSum, mask_update, secure_mean
 
 _ACCOUNTING = ("dp_event", "effective_noise_multiplier", "epsilon", "noise_for_epsilon")
+# secure aggregation's names load fedzip.privacy.secagg, and the cryptography package, on first use
+_SECAGG = ("SecAggClient", "SecAggConfig", "SecureSum", "mask_update", "secure_mean")
 
 
 def __getattr__(name: str) -> Any:
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from fedzip.privacy import accounting
 
         return getattr(accounting, name)
+    if name in _SECAGG:
+        from fedzip.privacy import secagg
+
+        return getattr(secagg, name)
     raise AttributeError(f"module 'fedzip.privacy' has no attribute {name!r}")
 
 
