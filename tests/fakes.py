@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import textwrap
+import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -161,3 +164,18 @@ class RecordingExecutor:
         for res in self.inner.map(work, data, tasks):
             self.results.append(res)
             yield res
+
+
+@contextlib.contextmanager
+def two_worker_processes() -> Iterator[fedzip.execution.ProcessExecutor]:
+    """A processes backend of 2 workers x 1 thread, closed on exit; its
+    oversubscription warning silenced (a 1-core runner still tests)."""
+    from fedzip.execution import OversubscriptionWarning, ProcessExecutor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OversubscriptionWarning)
+        ex = ProcessExecutor(num_workers=2, threads=1)
+    try:
+        yield ex
+    finally:
+        ex.close()

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fakes import TensorClients, TinyCNN, deterministic
+from fakes import TensorClients, TinyCNN, deterministic, two_worker_processes
 from fakes import run_rounds as _run
 from fakes import small_fedavg as _fedavg
 
@@ -55,11 +55,8 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def executor():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OversubscriptionWarning)  # a 1-core runner still tests
-        ex = ProcessExecutor(num_workers=2, threads=1)
-    yield ex
-    ex.close()
+    with two_worker_processes() as ex:
+        yield ex
 
 
 # --------------------------------------------------------------------------

@@ -10,11 +10,17 @@ explicit indexing, ``r = x + r_old − C(x + r_old)`` with the inner codec."""
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
-from fakes import RecordingExecutor, TensorClients, VectorClients, deterministic, tiny_mlp
+from fakes import (
+    RecordingExecutor,
+    TensorClients,
+    VectorClients,
+    deterministic,
+    tiny_mlp,
+    two_worker_processes,
+)
 from torch import nn
 
 import fedzip
@@ -25,7 +31,7 @@ from fedzip.algorithms.structured import lowrank_updates, random_mask_updates
 from fedzip.codecs import ErrorFeedback, RandomRotation, UniformQuantization, sign_ef
 from fedzip.codecs.summable import SharedScaleQuantization
 from fedzip.errors import ConfigError
-from fedzip.execution import LocalExecutor, OversubscriptionWarning, ProcessExecutor
+from fedzip.execution import LocalExecutor
 from fedzip.seeding import torch_rng
 from fedzip.wire import decode_message
 
@@ -269,14 +275,9 @@ def test_dropout_with_feedback_on_processes_and_through_a_checkpoint(tmp_path):
     s, hist = _rounds(local, data, local.init(), (1, 2))
     shapes = {k: tuple(v.shape) for k, v in s.params.items()}
     assert all(tuple(r.shape) == shapes[k] for rs in _residuals(s).values() for k, r in rs.items())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OversubscriptionWarning)  # a 1-core runner still tests
-        ex = ProcessExecutor(num_workers=2, threads=1)
-    try:
+    with two_worker_processes() as ex:
         procs = _dropout_ef(ex)
         sp, hp = _rounds(procs, data, procs.init(), (1, 2))
-    finally:
-        ex.close()
     assert deterministic(hp) == deterministic(hist)
     assert all(torch.equal(sp.params[k], v) for k, v in s.params.items())
     _assert_same_residuals(s, sp)  # the states went to the workers and back, unchanged

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from fakes import RecordingExecutor, TensorClients, deterministic, small_fedavg
+from fakes import (
+    RecordingExecutor,
+    TensorClients,
+    deterministic,
+    small_fedavg,
+    two_worker_processes,
+)
 from scipy import stats
 from torch import nn
 
@@ -27,7 +32,7 @@ import fedzip
 from fedzip import checkpoint, robust
 from fedzip.algorithms.dropout import federated_dropout, kept_units
 from fedzip.algorithms.structured import lowrank_updates, random_mask_updates
-from fedzip.execution import LocalExecutor, OversubscriptionWarning, ProcessExecutor
+from fedzip.execution import LocalExecutor
 from fedzip.seeding import torch_rng
 from fedzip.wire import decode_message
 
@@ -412,14 +417,9 @@ def test_dropout_with_krum_on_processes_and_through_a_checkpoint(tmp_path):
     data = TensorClients(n_clients=6, per_client=8)
     local = _dropout_krum(LocalExecutor(threads=1))
     s, hist = _rounds(local, data, local.init(), (1, 2))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OversubscriptionWarning)  # a 1-core runner still tests
-        ex = ProcessExecutor(num_workers=2, threads=1)
-    try:
+    with two_worker_processes() as ex:
         procs = _dropout_krum(ex)
         sp, hp = _rounds(procs, data, procs.init(), (1, 2))
-    finally:
-        ex.close()
     assert deterministic(hp) == deterministic(hist)
     assert all(torch.equal(sp.params[k], v) for k, v in s.params.items())
     loaded = checkpoint.load(checkpoint.save(tmp_path, s)).state

@@ -14,13 +14,12 @@ model's message."""
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from fakes import TensorClients, deterministic
+from fakes import TensorClients, deterministic, two_worker_processes
 from torch import nn
 
 import fedzip
@@ -31,7 +30,7 @@ from fedzip.algorithms.structured import lowrank_updates, random_mask_updates
 from fedzip.bitpack import packed_size
 from fedzip.codecs import SharedScaleQuantization
 from fedzip.errors import ClientFailure, ConfigError, PayloadError
-from fedzip.execution import LocalExecutor, OversubscriptionWarning, ProcessExecutor
+from fedzip.execution import LocalExecutor
 from fedzip.privacy.secagg import mask_update, modulus_bits, secure_mean
 from fedzip.seeding import torch_rng
 from fedzip.wire import decode_message
@@ -292,14 +291,9 @@ def test_secure_dropout_on_processes_and_through_a_checkpoint(tmp_path):
     ids = data.client_ids
     local = _build("dropout", _secure(), LocalExecutor(threads=1))
     s1, m1 = local.next(local.init(), data, ids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OversubscriptionWarning)  # a 1-core runner still tests
-        ex = ProcessExecutor(num_workers=2, threads=1)
-    try:
+    with two_worker_processes() as ex:
         procs = _build("dropout", _secure(), ex)
         p1, pm1 = procs.next(procs.init(), data, ids)
-    finally:
-        ex.close()
     assert deterministic(pm1) == deterministic(m1)
     assert all(torch.equal(p1.params[k], v) for k, v in s1.params.items())
     loaded = checkpoint.load(checkpoint.save(tmp_path, s1)).state
