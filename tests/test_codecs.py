@@ -204,6 +204,38 @@ def test_uniform_encodes_as_before():
     assert data == s.side_bytes + bytes(s.symbols.astype(np.uint8))
 
 
+@pytest.mark.parametrize("bits,stochastic,fixed", [(8, True, None), (16, True, None), (3, True, None),
+                                                  (8, False, None), (8, True, (-0.5, 0.7)), (12, False, (-1, 1))])
+def test_uniform_blocks_give_the_one_pass_codes(monkeypatch, bits, stochastic, fixed):
+    """Quantized in cache-sized blocks, the codes are the formula's over the
+    whole tensor at once: floor((clamp(x) - lo) * levels / (hi - lo) + u),
+    clamped to the levels, with numpy's float32 uniforms of the codec's
+    generator (or rounded, deterministically)."""
+    from fedzip.codecs import base
+
+    x = torch.randn(101, generator=torch.Generator().manual_seed(bits)) * 0.3
+    x[5] = 2.0  # the top of the range (clipped by a fixed one)
+    codec = C.UniformQuantization(bits, stochastic=stochastic, range=fixed)
+    levels = (1 << bits) - 1
+    if fixed is None:
+        lo, hi = struct.unpack("<ff", struct.pack("<ff", float(x.min()), float(x.max())))
+    else:
+        lo, hi = fixed
+    y = (x.clamp(lo, hi) - lo) * (levels / (hi - lo))
+    if stochastic:
+        u = base.numpy_generator(torch.Generator().manual_seed(9)).random(101, dtype=np.float32)
+        y = (y + torch.from_numpy(u)).clamp(0, levels).floor()
+    else:
+        y = y.round().clamp(0, levels)
+    reference = y.to(torch.int64).numpy()
+    for block in (4, 10, 1 << 18):  # many blocks (the last one short), and one
+        monkeypatch.setattr(C.UniformQuantization, "BLOCK", block)
+        _, codes, _, _ = codec._codes(x, torch.Generator().manual_seed(9))
+        assert np.array_equal(codes.astype(np.int64), reference), block
+        assert bytes(codec.encode_view(x, torch.Generator().manual_seed(9))) == \
+            codec.encode(x, torch.Generator().manual_seed(9))
+
+
 def test_entropy_coding_modes():
     d = 4096
     g = torch.Generator().manual_seed(0)
@@ -402,3 +434,16 @@ def test_uniforms_float32_are_numpys_own_draws():
             ours = base.uniforms_float32(torch.Generator().manual_seed(seed), n)
             ref = base.numpy_generator(torch.Generator().manual_seed(seed)).random(n, dtype=np.float32)
             assert ours.dtype == np.float32 and np.array_equal(ours, ref)
+
+
+def test_uniform_stream_in_pieces_is_one_draw():
+    from fedzip.codecs import base
+
+    ref = base.numpy_generator(torch.Generator().manual_seed(4)).random(23, dtype=np.float32)
+    stream = base.UniformStream(torch.Generator().manual_seed(4))
+    out = np.empty(23, np.float32)
+    for start, stop in ((0, 2), (2, 12), (12, 12), (12, 23)):  # even pieces, the last one odd
+        stream.fill(out[start:stop])
+    assert np.array_equal(out, ref)
+    with pytest.raises(RuntimeError, match="last piece"):  # a raw output would be split
+        stream.fill(np.empty(2, np.float32))

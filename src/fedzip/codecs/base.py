@@ -99,34 +99,64 @@ def numpy_generator(rng: torch.Generator) -> np.random.Generator:
 
 
 def uniforms_float32(rng: torch.Generator, n: int) -> np.ndarray:
-    """``numpy_generator(rng).random(n, dtype=np.float32)``, the same floats in
-    about 70% of the time (2.1 against 1.5 ms for 1.6 M: stochastic rounding's
-    largest cost). numpy makes each float32 as ``(u >> 8) * 2^-24`` from a
-    32-bit draw, and PCG64 gives two 32-bit draws per 64-bit output, low half
-    first; this draws the 64-bit outputs in one call and does the rest with
-    array operations. Falls back to numpy's method where that layout does not
-    hold (checked once against numpy itself)."""
-    g = numpy_generator(rng)
-    if not _RAW_UNIFORMS_MATCH:
-        return g.random(n, dtype=np.float32)
-    return _uniforms_from_raw(g, n)
+    """``numpy_generator(rng).random(n, dtype=np.float32)``: the same floats in
+    about 70% of the time (see :class:`UniformStream`)."""
+    return UniformStream(rng).fill(np.empty(n, np.float32))
 
 
-def _uniforms_from_raw(g: np.random.Generator, n: int) -> np.ndarray:
+class UniformStream:
+    """The float32 uniforms of ``numpy_generator(rng).random(n, dtype=np.float32)``,
+    drawn piece by piece into the caller's buffers: the pieces, concatenated,
+    are those ``n`` floats. A codec can then quantize a large tensor in blocks
+    that stay in the core's cache (a block's uniforms made and used at once)
+    instead of one pass over memory per operation.
+
+    numpy makes each float32 as ``(u >> 8) * 2^-24`` from a 32-bit draw, and
+    PCG64 gives two 32-bit draws per 64-bit output, low half first; this draws
+    the 64-bit outputs in one call and does the rest with array operations
+    (2.1 against 1.5 ms for 1.6 M floats), falling back to numpy's own method
+    where that layout does not hold (checked once against numpy itself). So
+    every piece but the last must have an even length (a raw output is never
+    split between pieces)."""
+
+    def __init__(self, rng: torch.Generator) -> None:
+        self._g = numpy_generator(rng)
+        self._odd = False
+
+    def fill(self, out: np.ndarray) -> np.ndarray:
+        """Write the next ``len(out)`` uniforms into ``out`` (1-D float32); returns it."""
+        if self._odd:
+            raise RuntimeError("UniformStream: only the last piece may have an odd length")
+        n = len(out)
+        if _RAW_UNIFORMS_MATCH:
+            _raw_fill(self._g, out)
+        else:
+            self._g.random(dtype=np.float32, out=out)
+        self._odd = n % 2 == 1
+        return out
+
+
+def _raw_fill(g: np.random.Generator, out: np.ndarray) -> None:
+    n = len(out)
     halves = g.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
     np.right_shift(halves, 8, out=halves)
-    out = halves.astype(np.float32)
+    out[...] = halves  # below 2^24: exact in float32
     out *= np.float32(2.0**-24)
-    return out
 
 
 def _raw_uniforms_match() -> bool:
     if sys.byteorder != "little":
         return False
     try:
-        return all(np.array_equal(_uniforms_from_raw(np.random.default_rng(s), n),
-                                  np.random.default_rng(s).random(n, dtype=np.float32))
-                   for s, n in ((0, 1), (1, 2), (2, 7), (3, 64)))
+        for seed, pieces in ((0, (1,)), (1, (2,)), (2, (7,)), (3, (64,)), (4, (2, 6, 3))):
+            g, out = np.random.default_rng(seed), np.empty(sum(pieces), np.float32)
+            start = 0
+            for n in pieces:  # a stream drawn in pieces, as UniformStream does
+                _raw_fill(g, out[start:start + n])
+                start += n
+            if not np.array_equal(out, np.random.default_rng(seed).random(len(out), dtype=np.float32)):
+                return False
+        return True
     except (AttributeError, TypeError, ValueError):  # another bit generator, another numpy
         return False
 
