@@ -71,7 +71,9 @@ class UniformQuantization(SymbolCodec):
     #: values quantized per block: a block's values, uniforms and levels (3 MiB)
     #: are made and used while in cache. Measured on the FedAvg CNN's 1.6 M
     #: weights with the caches flushed before each call: 2.5 ms against 5.5 ms
-    #: in one pass per operation over the whole tensor; 2^16 gave 2.8 ms.
+    #: in one pass per operation over the whole tensor; 2^16 gave 2.8 ms. (In a
+    #: round on a CPU with 32 MiB of L3 the update is mostly still cached: there
+    #: the difference is within the noise.)
     BLOCK = 1 << 18
 
     def _quantize_into(self, x: torch.Tensor, rng: torch.Generator, codes: np.ndarray,
