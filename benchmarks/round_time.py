@@ -79,7 +79,7 @@ from fedzip.data.federated import ClientExamples
 
 
 class Clients:
-    """10 clients of 80-120 examples of 28x28 images (random pixels, random labels:
+    """``n`` clients (10) of 80-120 examples of 28x28 images (random pixels, random labels:
     the compute per example is what matters here, not what is learned)."""
 
     def __init__(self, n: int = 10, seed: int = 0) -> None:
@@ -245,6 +245,10 @@ def main() -> None:
     ap.add_argument("--task", choices=("images", "shakespeare"), default="images",
                     help="images: the seed workload (default); shakespeare: the char LSTM")
     ap.add_argument("--client-lr", type=float, default=1.0, help="client SGD lr (shakespeare only)")
+    ap.add_argument("--clients", type=int, default=10, help="clients a round (images only; the goals are for 10)")
+    ap.add_argument("--batch-clients", type=int, default=0, metavar="K",
+                    help="also fedzip mean with K clients trained together (torch.func.vmap; "
+                         "LocalExecutor(batch_clients=K)); images only")
     ap.add_argument("--device", default="cpu",
                     help="where every contender trains (cpu, cuda): fedzip's clients (weighted_fedavg(device=...)), "
                          "the floor and the naive loop; images only, in process only (--layouts defaults to none)")
@@ -267,7 +271,7 @@ def main() -> None:
 
     cores = available_cores()
     layouts = parse_layouts(args.layouts if args.layouts is not None else f"{cores}x1,1x{cores}")
-    clients = Clients()
+    clients = Clients(args.clients)
     sgd = functools.partial(torch.optim.SGD, lr=0.02)
     server = functools.partial(torch.optim.SGD, lr=1.0)
     tmp = tempfile.TemporaryDirectory(prefix="fedzip-round-time-")
@@ -281,6 +285,11 @@ def main() -> None:
             ex = ProcessExecutor(num_workers=w, threads=t)
         executors.append(ex)
         fedzip_setups.append((f"fedzip mean, processes {w}x{t}", fedzip.mean(), ex))
+    if args.batch_clients > 1:
+        from fedzip.execution import LocalExecutor
+
+        fedzip_setups.append((f"fedzip mean, {args.batch_clients} clients together", fedzip.mean(),
+                              LocalExecutor(batch_clients=args.batch_clients)))
     for name, agg, ex in fedzip_setups:
         algo = fedzip.weighted_fedavg(fedzip.fedavg_cnn, sgd, server, agg, executor=ex,
                                       device=None if args.device == "cpu" else args.device)
@@ -307,7 +316,7 @@ def main() -> None:
     names = list(contenders)
     times: dict[str, list[float]] = {k: [] for k in contenders}
     cpu: dict[str, list[float]] = {k: [] for k in contenders}
-    pids = {name: ex for (name, _, ex) in fedzip_setups if ex is not None}
+    pids = {name: ex for (name, _, ex) in fedzip_setups if isinstance(ex, ProcessExecutor)}
     try:
         for r in range(args.rounds + 1):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate: no contender always first
@@ -327,7 +336,7 @@ def main() -> None:
     for split in splits.values():
         del split[0]  # the warm-up
     n_examples = sum(len(clients.client(c)) for c in clients.client_ids)
-    print(f"seed workload: 10 clients, {n_examples} examples, batch 20, 1 epoch, FedAvg CNN, on {args.device}; "
+    print(f"seed workload: {args.clients} clients, {n_examples} examples, batch 20, 1 epoch, FedAvg CNN, on {args.device}; "
           f"{args.threads} torch threads in process, {cores} cores; median of {args.rounds} rounds after a "
           f"warm-up, interleaved")
     print(f"{'contender':34s} {'median s/round':>15s} {'min':>8s} {'max':>8s} {'CPU s/round':>12s}")
@@ -347,6 +356,9 @@ def main() -> None:
     goals = [("fedzip mean", floor_name, 1.02), ("fedzip compression", floor_name, 1.08),
              ("fedzip mean", naive_name, 0.85), ("fedzip compression", naive_name, None)]
     goals += [(f"fedzip mean, processes {w}x{t}", ref, None) for w, t in layouts for ref in (floor_name,)]
+    if args.batch_clients > 1:
+        goals += [(f"fedzip mean, {args.batch_clients} clients together", ref, None)
+                  for ref in (floor_name, naive_name, "fedzip mean")]
     for a, b, goal in goals:
         r_med, r_pair, r_cpu, (lo, hi) = ratio(a, b)
         print(f"ratio {a} / {b} = {r_med:.3f} (paired {r_pair:.3f}, 95% interval [{lo:.3f}, {hi:.3f}]; "

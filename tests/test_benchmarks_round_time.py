@@ -83,3 +83,15 @@ def test_revision_ab_runs_both_sides_in_lockstep_and_cleans_up():
     bad = subprocess.run([sys.executable, str(BENCH / "revision_ab.py"), "no-such-revision-xyz"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "no-such-revision-xyz" in bad.stderr
+
+
+def test_clients_together_are_a_contender():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(BENCH / "round_time.py"), "--rounds", "1", "--threads", "1",
+                          "--layouts", "", "--clients", "3", "--batch-clients", "3"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("seed workload: 3 clients")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("fedzip mean, 3 clients together"))
+    assert float(row.split()[-4]) > 0  # its median s/round
+    assert "ratio fedzip mean, 3 clients together / fedzip mean = " in out.stdout

@@ -52,6 +52,7 @@ class RunConfig:
     ray_address: str | None = None
     num_workers: int = 2
     threads: int | None = None
+    batch_clients: int = 1
     device: str | None = None
     checkpoint_every: int = 0
     name: str = "run"
@@ -61,7 +62,9 @@ class RunConfig:
             value = getattr(self, f.name)
             _check_type(f.name, value, f.type)
         _positive(self, "rounds", "clients_per_round", "batch_size", "epochs", "shuffle_buffer",
-                  "eval_batch_size", "num_workers")
+                  "eval_batch_size", "num_workers", "batch_clients")
+        if self.batch_clients > 1 and self.backend != "local":
+            raise ConfigError(f"batch_clients > 1 works with backend 'local' only, got {self.backend!r}")
         for name in ("max_batches", "eval_clients"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)!r}")
@@ -151,6 +154,8 @@ FIELD_HELP: dict[str, str] = {
     "ray_address": "a Ray cluster to join (auto, host:6379, ray://...); default a fresh local one",
     "num_workers": "Ray workers",
     "threads": "torch threads per client worker (default: leave torch's setting locally)",
+    "batch_clients": "clients trained together in one vectorized step (torch.func.vmap; backend local, "
+                     "FedAvg's client step with SGD, a model without buffers; for GPUs)",
     "device": "where clients train and evaluation runs: cpu, cuda, ...",
     "checkpoint_every": "write a checkpoint every N rounds (0: never)",
     "name": "run name: metrics go to LOGDIR/NAME",

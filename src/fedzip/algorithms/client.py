@@ -191,6 +191,14 @@ class ClientWork:
         self._received = (broadcast, params, groups, msg.scalars)
         return params, groups, msg.scalars
 
+    def run_batch(self, data: FederatedData, tasks: list[ClientTask]) -> list[Any]:
+        """The clients of ``tasks`` trained together, one result or
+        :class:`~fedzip.errors.ClientFailure` per task
+        (:func:`fedzip.algorithms.batched.run_batch`)."""
+        from fedzip.algorithms.batched import run_batch  # torch.func loads only when asked for
+
+        return run_batch(self, data, tasks)
+
     def __call__(self, data: FederatedData, task: ClientTask) -> ClientResult:
         t0 = time.perf_counter()
         received, groups, scalars = self.receive(task.broadcast)
@@ -243,6 +251,18 @@ class ClientWork:
         delta = self.space.update(model, base, received, ctx)
         hooks.finish(ctx, delta)
         t_train = time.perf_counter() - t0 - t_data
+        message, states = self.encode_update(task, scalars, examples, ctx, delta, sums, n_examples, n_batches)
+        t_total = time.perf_counter() - t0
+        timings = {"decode": t_decode, "data": t_data - t_decode, "train": t_train,
+                   "encode": t_total - t_data - t_train}
+        return ClientResult(task.client_id, message, states, timings)
+
+    def encode_update(self, task: ClientTask, scalars: Mapping[str, float], examples: Any, ctx: ClientContext,
+                      delta: Params, sums: Mapping[str, Any], n_examples: int, n_batches: int
+                      ) -> tuple[bytes, dict[str, Any]]:
+        """A trained client's update message and its new states (by owner): the
+        delta through the aggregator's chain (and secure aggregation's mask),
+        the hooks' groups, the weight and the training sums."""
         rng = torch_rng(self.seed, task.round, task.client_id, "codec")
         codec_state = task.client_state.get("codec")
         space, policy = self.space, self.aggregator.policy
@@ -260,7 +280,7 @@ class ClientWork:
             records = mask_update(task.secagg, records, self.aggregator.policy, self.seed, task.round,
                                   task.client_id)
         for group, values in ctx.out_groups.items():
-            policy = hooks.group_policies.get(group, CodecPolicy())
+            policy = self.hooks.group_policies.get(group, CodecPolicy())
             named = {f"{group}{GROUP_SEP}{k}": v.detach().cpu() for k, v in values.items()}
             records += encode_params(named, _GroupPolicy(policy), torch_rng(
                 self.seed, task.round, task.client_id, "codec", group))
@@ -278,10 +298,7 @@ class ClientWork:
             states["codec"] = codec_state
         if ctx.out_state is not None:
             states["algorithm"] = ctx.out_state
-        t_total = time.perf_counter() - t0
-        timings = {"decode": t_decode, "data": t_data - t_decode, "train": t_train,
-                   "encode": t_total - t_data - t_train}
-        return ClientResult(task.client_id, message, states, timings)
+        return message, states
 
 
 @dataclass(frozen=True)

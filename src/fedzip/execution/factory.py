@@ -17,7 +17,7 @@ BACKENDS = ("local", "processes", "ray")
 
 def make_executor(config: Any) -> Executor:
     """The executor a :class:`~fedzip.config.RunConfig` asks for: ``backend``
-    ``"local"`` (in process), ``"processes"`` (worker processes on this
+    ``"local"`` (in process; ``batch_clients`` at a time), ``"processes"`` (worker processes on this
     machine: ``num_workers``, ``threads``; None picks them for the machine) or
     ``"ray"`` (with ``num_workers``, ``ray_address`` and, when the config has
     one, ``threads``). A layout with more torch threads than cores warns once
@@ -27,7 +27,7 @@ def make_executor(config: Any) -> Executor:
     if backend == "local":
         if threads is not None:
             check_oversubscription(1, threads, what="in-process client worker")
-        return LocalExecutor(threads=threads)
+        return LocalExecutor(threads=threads, batch_clients=getattr(config, "batch_clients", 1))
     if backend == "processes":
         return ProcessExecutor(
             num_workers=getattr(config, "num_workers", None),

@@ -1,0 +1,208 @@
+"""Many clients trained at once: ``torch.func.vmap`` over their stacked weights.
+
+On a GPU a small model's training step is a few dozen kernel launches
+whatever its batch, so clients of a few dozen examples leave the device idle
+between launches. Training K clients in one vectorized step launches each
+kernel once for all of them, the way JAX simulators train a cohort with
+``vmap`` (FedJAX: Ro, Suresh, Wu, "FedJAX: Federated learning simulation with
+JAX", 2021). Each client still sees its own examples in its own order
+(the same shuffle as one client at a time), takes its own SGD steps and
+sends its own update through the aggregator's chain: the same algorithm,
+the same bits on the wire, with float results that differ from one client
+after another in the last bits (batched kernels sum in another order).
+
+Where the model allows: FedAvg's client step (default hooks, the whole
+model trained), ``torch.optim.SGD`` as the client optimizer (its step is
+redone on the stacked weights, as ``torch.optim.SGD`` computes it: weight
+decay, momentum with dampening, Nesterov, maximize), a model without buffers
+(BatchNorm's running statistics change in place) and without randomness
+(``vmap`` is asked to refuse random operations: dropout would not draw each
+client's own masks). Clients whose batches differ in shape at a step (the
+last, shorter batch) are stepped in groups of equal shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedzip.algorithms.client import ClientContext, ClientHooks, ClientResult, ClientTask
+from fedzip.algorithms.space import UpdateSpace
+from fedzip.errors import ClientFailure, ConfigError
+from fedzip.seeding import numpy_rng
+from fedzip.tree import Params
+
+__all__ = ["check_batchable", "run_batch", "sgd_settings"]
+
+#: torch.optim.SGD's settings that the batched step reproduces
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def sgd_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The settings of a client optimizer the batched step can redo: a
+    ``torch.optim.SGD`` with one parameter group. Anything else is a
+    :class:`~fedzip.errors.ConfigError` naming ``batch_clients``."""
+    if type(optimizer) is not torch.optim.SGD:
+        raise ConfigError(f"batch_clients: the client optimizer must be torch.optim.SGD (its step is redone "
+                          f"on the clients' stacked weights), got {type(optimizer).__name__}")
+    if len(optimizer.param_groups) != 1:
+        raise ConfigError("batch_clients: the client optimizer must have one parameter group")
+    group = optimizer.param_groups[0]
+    out = {k: group.get(k, False if k in ("nesterov", "maximize") else 0.0) for k in _SGD_KEYS}
+    out["lr"] = float(out["lr"])  # a tensor lr steps the same
+    return out
+
+
+def check_batchable(work: Any) -> dict[str, Any]:
+    """Raise :class:`~fedzip.errors.ConfigError` unless ``work``'s clients can
+    be trained together (see the module doc); returns the SGD settings."""
+    if type(work.hooks) is not ClientHooks:
+        raise ConfigError(f"batch_clients: the algorithm changes the client step ({type(work.hooks).__name__}); "
+                          "only FedAvg's client step trains clients together")
+    if type(work.space) is not UpdateSpace:
+        raise ConfigError(f"batch_clients: clients train part of the model ({type(work.space).__name__}); "
+                          "only whole-model clients train together")
+    model = work.model()
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ConfigError(f"batch_clients: the model has buffers ({', '.join(buffers[:3])}), which training "
+                          "changes in place (BatchNorm); only models without buffers train together")
+    return sgd_settings(work.client_optimizer(list(model.parameters())))
+
+
+@dataclass
+class _Client:
+    """One client of a batch: its work order, examples, batches and sums."""
+
+    task: ClientTask
+    examples: Any
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    t_data: float
+    sums: dict[str, Any] = field(default_factory=dict)
+    n_examples: int = 0
+
+
+def run_batch(work: Any, data: Any, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
+    """``work`` (a :class:`~fedzip.algorithms.client.ClientWork`) for every
+    task, the clients trained together; one result or failure per task, in
+    task order. A client whose data cannot be read, or whose update cannot be
+    encoded (not finite), fails alone; a failure of the batched training fails
+    the clients it trained."""
+    settings = check_batchable(work)
+    if any(t.personal for t in tasks) or len({t.broadcast for t in tasks}) > 1 or \
+            len({t.round for t in tasks}) > 1:
+        raise ConfigError("batch_clients: the clients of a batch must share the round's broadcast")
+    out: dict[int, ClientResult | ClientFailure] = {}
+    t0 = time.perf_counter()
+    received, groups, scalars = work.receive(tasks[0].broadcast) if tasks else ({}, {}, {})
+    t_decode = time.perf_counter() - t0
+    clients: dict[int, _Client] = {}
+    for i, task in enumerate(tasks):
+        t1 = time.perf_counter()
+        try:
+            examples = data.client(task.client_id)
+            order_rng = numpy_rng(work.seed, task.round, task.client_id, "shuffle")
+            batches = [(work.on_device(x), work.on_device(y)) for x, y in work.preprocess.batches(examples, order_rng)]
+        except Exception as e:  # this client's data: its failure alone
+            out[i] = ClientFailure(task.client_id, f"{type(e).__name__}: {e}")
+            continue
+        clients[i] = _Client(task, examples, batches, time.perf_counter() - t1)
+    t1 = time.perf_counter()
+    try:
+        weights = _train(work, received, list(clients.values()), settings)
+    except Exception as e:  # the batch's training: every client in it
+        for i, c in clients.items():
+            out[i] = ClientFailure(c.task.client_id, f"batched training: {type(e).__name__}: {e}")
+        clients = {}
+        weights = {}
+    t_train = (time.perf_counter() - t1) / max(len(clients), 1)
+    for k, (i, c) in enumerate(clients.items()):
+        t2 = time.perf_counter()
+        try:
+            delta = {name: (w[k] - received[name]).cpu() for name, w in weights.items()}  # UpdateSpace.update's
+            ctx = ClientContext(c.task.client_id, c.task.round, work.model(), received, groups, dict(scalars),
+                                c.task.client_state.get("algorithm"), steps=len(c.batches))
+            work.hooks.finish(ctx, delta)
+            message, states = work.encode_update(c.task, scalars, c.examples, ctx, delta, c.sums, c.n_examples,
+                                                 len(c.batches))
+        except Exception as e:  # e.g. a non-finite update: this client's failure alone
+            out[i] = ClientFailure(c.task.client_id, f"{type(e).__name__}: {e}")
+            continue
+        timings = {"decode": t_decode if k == 0 else 0.0, "data": c.t_data, "train": t_train,
+                   "encode": time.perf_counter() - t2}
+        out[i] = ClientResult(c.task.client_id, message, states, timings)
+    return [out[i] for i in range(len(tasks))]
+
+
+def _train(work: Any, received: Params, clients: list[_Client], settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every client's local training from ``received``; returns the weights,
+    stacked (client k at index k of each tensor)."""
+    model: nn.Module = work.model()
+    model.train()
+    names = [name for name, _ in model.named_parameters()]
+    n = len(clients)
+    weights = {name: received[name].detach().unsqueeze(0).repeat(n, *([1] * received[name].dim()))
+               for name in names}
+    momentum = settings["momentum"]
+    buffers = {name: torch.zeros_like(w) for name, w in weights.items()} if momentum else {}
+    loss_fn, metrics = work.task.loss_fn, work.task.metrics
+
+    def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        logits = torch.func.functional_call(model, params, (x,))
+        loss = loss_fn(logits, y)
+        return loss, (loss.detach(), logits.detach())
+
+    # randomness="error": a random operation in the model (dropout) is refused,
+    # not silently drawn the same for every client
+    step = torch.func.vmap(torch.func.grad(loss_of, has_aux=True), randomness="error")
+    for t in range(max((len(c.batches) for c in clients), default=0)):
+        groups: dict[tuple, list[int]] = {}
+        for k, c in enumerate(clients):
+            if t < len(c.batches):
+                x, y = c.batches[t]
+                groups.setdefault((tuple(x.shape), x.dtype, tuple(y.shape), y.dtype), []).append(k)
+        for members in groups.values():
+            whole = len(members) == n
+            index = None if whole else torch.tensor(members, device=next(iter(weights.values())).device)
+            params = weights if whole else {name: w.index_select(0, index) for name, w in weights.items()}
+            bufs = buffers if whole or not buffers else {name: b.index_select(0, index) for name, b in buffers.items()}
+            x = torch.stack([clients[k].batches[t][0] for k in members])
+            y = torch.stack([clients[k].batches[t][1] for k in members])
+            grads, (loss, logits) = step(params, x, y)
+            for j, k in enumerate(members):
+                c = clients[k]
+                for key, v in metrics.batch_sums(logits[j], y[j], loss[j]).items():
+                    c.sums[key] = c.sums[key] + v if key in c.sums else v
+                c.n_examples += len(y[j])
+            with torch.no_grad():
+                for name in names:
+                    _sgd_step(params[name], grads[name], bufs.get(name), first=t == 0, **settings)
+            if not whole:
+                for name in names:
+                    weights[name].index_copy_(0, index, params[name])
+                    if buffers:
+                        buffers[name].index_copy_(0, index, bufs[name])
+    return weights
+
+
+def _sgd_step(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, first: bool, lr: float,
+              momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool) -> None:
+    """``torch.optim.SGD``'s step (its single-tensor form), on stacked weights;
+    ``first``: the clients' first step (the momentum buffer starts as the gradient)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad.add(p, alpha=weight_decay)
+    if momentum != 0:
+        assert buf is not None
+        if first:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    p.add_(grad, alpha=-lr)
