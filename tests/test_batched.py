@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -194,3 +195,19 @@ def test_clients_together_on_cuda_train_as_on_the_cpu():
         assert state.params[name].device.type == "cpu"
         assert torch.allclose(state.params[name], w, atol=1e-5), name
     assert m["train/loss"] == pytest.approx(cpu_m["train/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("metrics", [{}, {"ignore": (0,)}, {"ignore": (0,), "accuracy_ignore": (1,)}])
+def test_group_sums_are_each_clients_batch_sums(metrics):
+    from fedzip.algorithms.batched import _GroupSums
+    from fedzip.tasks.base import ClassificationMetrics
+
+    m = ClassificationMetrics(**metrics)
+    g = torch.Generator().manual_seed(0)
+    logits, y, loss = torch.randn(3, 4, 5, 7, generator=g), torch.randint(0, 7, (3, 4, 5), generator=g), torch.rand(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # vmap's note on isin's batching rule
+        out = _GroupSums(m)(logits, y, loss)
+    for j in range(3):
+        ref = m.batch_sums(logits[j], y[j], loss[j])
+        assert {k: float(v[j]) for k, v in out.items()} == {k: float(v) for k, v in ref.items()}

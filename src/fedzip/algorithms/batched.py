@@ -160,6 +160,8 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
     # randomness="error": a random operation in the model (dropout) is refused,
     # not silently drawn the same for every client
     step = torch.func.vmap(torch.func.grad(loss_of, has_aux=True), randomness="error")
+    group_sums = _GroupSums(metrics)
+    totals: dict[str, torch.Tensor] = {}  # per metric, every client's sum (float64, client k at k)
     for t in range(max((len(c.batches) for c in clients), default=0)):
         groups: dict[tuple, list[int]] = {}
         for k, c in enumerate(clients):
@@ -174,11 +176,16 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
             x = torch.stack([clients[k].batches[t][0] for k in members])
             y = torch.stack([clients[k].batches[t][1] for k in members])
             grads, (loss, logits) = step(params, x, y)
-            for j, k in enumerate(members):
-                c = clients[k]
-                for key, v in metrics.batch_sums(logits[j], y[j], loss[j]).items():
-                    c.sums[key] = c.sums[key] + v if key in c.sums else v
-                c.n_examples += len(y[j])
+            for key, v in group_sums(logits, y, loss).items():  # one op per metric, not per client
+                total = totals.get(key)
+                if total is None:
+                    total = totals[key] = torch.zeros(n, dtype=torch.float64, device=v.device)
+                if whole:
+                    total += v
+                else:
+                    total.index_add_(0, index.to(v.device), v)
+            for k in members:
+                clients[k].n_examples += len(clients[k].batches[t][1])
             with torch.no_grad():
                 for name in names:
                     _sgd_step(params[name], grads[name], bufs.get(name), first=t == 0, **settings)
@@ -187,7 +194,33 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
                     weights[name].index_copy_(0, index, params[name])
                     if buffers:
                         buffers[name].index_copy_(0, index, bufs[name])
+    for k, c in enumerate(clients):  # 0-dim views; read once each when the update is encoded
+        c.sums = {key: total[k] for key, total in totals.items()}
     return weights
+
+
+class _GroupSums:
+    """The task's batch sums for each client of a group, stacked (float64, one
+    value per client): the metrics vectorized with ``vmap`` where they allow it
+    (one op per metric for the whole group: on a GPU, launches per client are
+    what batching saves), else client by client."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self.vectorized: Any = torch.func.vmap(self._as_tensors)
+
+    def _as_tensors(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: torch.as_tensor(v, dtype=torch.float64, device=y.device)
+                for key, v in self.metrics.batch_sums(logits, y, loss).items()}
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.vectorized is not None:
+            try:
+                return self.vectorized(logits, y, loss)
+            except Exception:  # metrics vmap cannot batch (data-dependent shapes): client by client
+                self.vectorized = None
+        each = [self._as_tensors(logits[j], y[j], loss[j]) for j in range(len(y))]
+        return {key: torch.stack([e[key] for e in each]) for key in each[0]}
 
 
 def _sgd_step(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, first: bool, lr: float,
