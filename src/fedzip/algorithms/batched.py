@@ -195,7 +195,8 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
                     if buffers:
                         buffers[name].index_copy_(0, index, bufs[name])
     for k, c in enumerate(clients):  # 0-dim views; read once each when the update is encoded
-        c.sums = {key: total[k] for key, total in totals.items()}
+        # a client without a batch sends no sums, as one trained alone (the same bytes)
+        c.sums = {key: total[k] for key, total in totals.items()} if c.batches else {}
     return weights
 
 
