@@ -62,10 +62,18 @@ def run(algo, data, rounds=2):
     return state, history
 
 
-@pytest.mark.parametrize("aggregator", [None, "compression"])
+AGGREGATORS = {
+    "mean": lambda: None,
+    "compression": lambda: fedzip.compression_aggregator(threshold=10),
+    # per-client codec state (the residuals) carried from round to round
+    "error feedback": lambda: fedzip.mean(fedzip.codecs.ErrorFeedback(fedzip.codecs.SignSGD())),
+}
+
+
+@pytest.mark.parametrize("aggregator", list(AGGREGATORS))
 def test_clients_together_train_as_one_at_a_time(aggregator):
     data = UnevenClients()
-    agg = (lambda: fedzip.compression_aggregator(threshold=10)) if aggregator else (lambda: None)
+    agg = AGGREGATORS[aggregator]
     ref_state, ref = run(fedavg(1, aggregator=agg()), data)
     for k in (3, 8):  # batches of 3, 3 and 2 clients; all 8 at once
         state, hist = run(fedavg(k, aggregator=agg()), data)
