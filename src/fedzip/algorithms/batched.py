@@ -9,7 +9,9 @@ JAX", 2021). Each client still sees its own examples in its own order
 (the same shuffle as one client at a time), takes its own SGD steps and
 sends its own update through the aggregator's chain: the same algorithm,
 the same bits on the wire, with float results that differ from one client
-after another in the last bits (batched kernels sum in another order).
+after another by rounding (batched kernels sum in another order; ReLU and
+max pooling can enlarge the difference over many steps, as a change of
+thread count does).
 
 Where the model allows: FedAvg's client step (default hooks, the whole
 model trained), ``torch.optim.SGD`` as the client optimizer (its step is

@@ -19,8 +19,9 @@ class LocalExecutor:
     ``batch_clients``: train that many clients at a time in one vectorized
     step (``work.run_batch``: :mod:`fedzip.algorithms.batched`, FedAvg's
     client step; for GPUs, where a small model's step leaves the device idle).
-    Runs are then bit-identical for the same ``batch_clients``, and differ in
-    the last bits from one client at a time.
+    Runs are then bit-identical for the same ``batch_clients``, and differ
+    from one client at a time by float rounding (batched kernels sum in
+    another order; ReLU and max pooling can enlarge it over many steps).
     """
 
     def __init__(self, threads: int | None = None, batch_clients: int = 1) -> None:
