@@ -88,6 +88,26 @@ def test_clients_together_train_as_one_at_a_time(aggregator):
                     assert math.isclose(m[key], v, rel_tol=1e-4, abs_tol=1e-5), (k, key, m[key], v)
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_fedprox_clients_together_train_as_one_at_a_time(mu):
+    """FedProx's proximal term, differentiated as a function of the weights."""
+    data = UnevenClients()
+
+    def prox(k):
+        return fedzip.fedprox(tanh_mlp, functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5),
+                              functools.partial(torch.optim.SGD, lr=1.0), mu=mu,
+                              executor=LocalExecutor(batch_clients=k),
+                              preprocess=fedzip.Preprocess(batch_size=4, epochs=1, shuffle_buffer=100))
+
+    (ref, ref_m), (got, got_m) = run(prox(1), data), run(prox(8), data)
+    for name, w in ref.params.items():
+        assert torch.allclose(got.params[name], w, rtol=0, atol=2e-6), name
+    assert got_m[-1]["train/loss"] == pytest.approx(ref_m[-1]["train/loss"], rel=1e-5)  # the task's loss
+    if mu:  # the term moves the weights: not FedAvg's
+        fedavg_state = run(fedavg(8, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5)), data)[0]
+        assert max(float((fedavg_state.params[k] - got.params[k]).abs().max()) for k in got.params) > 1e-4
+
+
 def test_clients_together_are_repeatable():
     data = UnevenClients()
     a, b = run(fedavg(4), data)[0], run(fedavg(4), data)[0]
@@ -122,8 +142,9 @@ def test_sgd_step_is_torchs_bit_for_bit(settings):
 def test_what_cannot_train_together_is_one_clear_error():
     data = UnevenClients()
     cases = [
-        (fedzip.fedprox(tanh_mlp, functools.partial(torch.optim.SGD, lr=0.1), functools.partial(
-            torch.optim.SGD, lr=1.0), executor=LocalExecutor(batch_clients=2)), "changes the client step"),
+        (fedzip.scaffold(tanh_mlp, functools.partial(torch.optim.SGD, lr=0.1), functools.partial(
+            torch.optim.SGD, lr=1.0), num_clients=8, executor=LocalExecutor(batch_clients=2)),
+         r"changes the client step \(ControlVariates: start, before_step, finish\)"),
         (fedavg(2, optimizer=functools.partial(torch.optim.Adam, lr=0.1)), "torch.optim.SGD"),
         (fedavg(2, model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))),
          "buffers"),

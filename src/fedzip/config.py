@@ -155,7 +155,7 @@ FIELD_HELP: dict[str, str] = {
     "num_workers": "Ray workers",
     "threads": "torch threads per client worker (default: leave torch's setting locally)",
     "batch_clients": "clients trained together in one vectorized step (torch.func.vmap; backend local, "
-                     "FedAvg's client step with SGD, a model without buffers; for GPUs)",
+                     "FedAvg's or FedProx's client step with SGD, a model without buffers; for GPUs)",
     "device": "where clients train and evaluation runs: cpu, cuda, ...",
     "checkpoint_every": "write a checkpoint every N rounds (0: never)",
     "name": "run name: metrics go to LOGDIR/NAME",

@@ -13,8 +13,9 @@ after another by rounding (batched kernels sum in another order; ReLU and
 max pooling can enlarge the difference over many steps, as a change of
 thread count does).
 
-Where the model allows: FedAvg's client step (default hooks, the whole
-model trained), ``torch.optim.SGD`` as the client optimizer (its step is
+Where the model allows: FedAvg's client step (the whole model trained;
+hooks that change only the objective, as a function of the weights:
+FedProx's proximal term), ``torch.optim.SGD`` as the client optimizer (its step is
 redone on the stacked weights, as ``torch.optim.SGD`` computes it: weight
 decay, momentum with dampening, Nesterov, maximize), a model without buffers
 (BatchNorm's running statistics change in place) and without randomness
@@ -63,9 +64,14 @@ def sgd_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def check_batchable(work: Any) -> dict[str, Any]:
     """Raise :class:`~fedzip.errors.ConfigError` unless ``work``'s clients can
     be trained together (see the module doc); returns the SGD settings."""
-    if type(work.hooks) is not ClientHooks:
-        raise ConfigError(f"batch_clients: the algorithm changes the client step ({type(work.hooks).__name__}); "
-                          "only FedAvg's client step trains clients together")
+    hooks = type(work.hooks)
+    changed = [m for m in ("start", "before_step", "finish") if getattr(hooks, m) is not getattr(ClientHooks, m)]
+    if hooks.objective is not ClientHooks.objective and hooks.weights_objective is ClientHooks.weights_objective:
+        changed.append("objective")  # an objective of ctx.model alone: nothing to differentiate together
+    if changed:
+        raise ConfigError(f"batch_clients: the algorithm changes the client step ({hooks.__name__}: "
+                          f"{', '.join(changed)}); only FedAvg's client step, with an objective of the "
+                          "weights (FedProx), trains clients together")
     if type(work.space) is not UpdateSpace:
         raise ConfigError(f"batch_clients: clients train part of the model ({type(work.space).__name__}); "
                           "only whole-model clients train together")
@@ -154,10 +160,12 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
     buffers = {name: torch.zeros_like(w) for name, w in weights.items()} if momentum else {}
     loss_fn, metrics = work.task.loss_fn, work.task.metrics
 
+    hooks = work.hooks
+
     def loss_of(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
         logits = torch.func.functional_call(model, params, (x,))
-        loss = loss_fn(logits, y)
-        return loss, (loss.detach(), logits.detach())
+        loss = loss_fn(logits, y)  # the task's loss: what the metrics report
+        return hooks.weights_objective(params, received, loss), (loss.detach(), logits.detach())
 
     # randomness="error": a random operation in the model (dropout) is refused,
     # not silently drawn the same for every client

@@ -5,7 +5,9 @@ executors ship it to other processes) and builds the task's model once per
 process. An algorithm changes the step through :class:`ClientHooks`, not by
 copying it:
 
-* ``objective``: the loss the client minimizes (FedProx adds a proximal term);
+* ``objective``: the loss the client minimizes (FedProx adds a proximal term),
+  and ``weights_objective``, the same as a function of the weights (clients
+  trained together differentiate it);
 * ``before_step``: the gradients before the optimizer steps (SCAFFOLD's
   control-variate correction);
 * ``finish``: tensor groups the client sends besides the model delta (SCAFFOLD's
@@ -121,6 +123,15 @@ class ClientHooks:
 
     def objective(self, ctx: ClientContext, loss: torch.Tensor) -> torch.Tensor:
         """The loss to minimize for one batch, given the task's loss."""
+        return loss
+
+    def weights_objective(self, weights: Mapping[str, torch.Tensor], received: Params,
+                          loss: torch.Tensor) -> torch.Tensor:
+        """:meth:`objective` as a function of the weights being trained (one
+        client's, by parameter name) instead of ``ctx.model``: what clients
+        trained together (:mod:`fedzip.algorithms.batched`) differentiate.
+        Hooks that override ``objective`` override this too, or their clients
+        train one at a time."""
         return loss
 
     def before_step(self, ctx: ClientContext) -> None:

@@ -31,6 +31,12 @@ class ProximalTerm(ClientHooks):
         prox = sum(((p - ctx.received[name]) ** 2).sum() for name, p in ctx.model.named_parameters())
         return loss + 0.5 * self.mu * prox
 
+    def weights_objective(self, weights, received, loss):
+        if self.mu == 0.0:
+            return loss
+        prox = sum(((w - received[name]) ** 2).sum() for name, w in weights.items())
+        return loss + 0.5 * self.mu * prox
+
 
 class FedProx(FederatedAlgorithm):
     """FedAvg with the proximal term ``mu`` on the clients (see the module doc)."""
