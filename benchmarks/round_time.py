@@ -43,6 +43,12 @@ bookkeeping: bit accounting, metrics).
 floor's batches on the device before the timing; the naive loop moves each
 batch), each round timed to ``torch.cuda.synchronize()``; in process only.
 
+``--batch-clients K``: one more contender, fedzip with the mean and K
+clients trained together (``LocalExecutor(batch_clients=K)``: one
+``torch.func.vmap`` step over their stacked weights), with its ratios to the
+floor, the naive loop and fedzip one client at a time; for GPUs (on a CPU it
+is slower). ``--clients N``: N clients a round (the goals are for 10).
+
 ``--task shakespeare``: the same comparison on TFF's Shakespeare baseline: 10
 (play, role) clients of the offline Shakespeare data (the clients seed 0
 samples for round 1: 502 sequences of 80 characters, 130 batches of 4), one
