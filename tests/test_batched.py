@@ -45,8 +45,9 @@ class UnevenClients:
         return self.examples[cid]
 
 
-def fedavg(batch_clients: int, optimizer=None, model_fn=tanh_mlp, aggregator=None, **kw):
-    return fedzip.weighted_fedavg(
+def fedavg(batch_clients: int, optimizer=None, model_fn=tanh_mlp, aggregator=None,
+           algorithm=fedzip.weighted_fedavg, **kw):
+    return algorithm(
         model_fn, optimizer or functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True,
                                                  weight_decay=0.01),
         functools.partial(torch.optim.SGD, lr=1.0), aggregator,
@@ -94,10 +95,8 @@ def test_fedprox_clients_together_train_as_one_at_a_time(mu):
     data = UnevenClients()
 
     def prox(k):
-        return fedzip.fedprox(tanh_mlp, functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5),
-                              functools.partial(torch.optim.SGD, lr=1.0), mu=mu,
-                              executor=LocalExecutor(batch_clients=k),
-                              preprocess=fedzip.Preprocess(batch_size=4, epochs=1, shuffle_buffer=100))
+        return fedavg(k, optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5),
+                      algorithm=fedzip.fedprox, mu=mu)
 
     (ref, ref_m), (got, got_m) = run(prox(1), data), run(prox(8), data)
     for name, w in ref.params.items():

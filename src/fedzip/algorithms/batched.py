@@ -193,7 +193,7 @@ def _train(work: Any, received: Params, clients: list[_Client], settings: Mappin
                 if whole:
                     total += v
                 else:
-                    total.index_add_(0, index.to(v.device), v)
+                    total.index_add_(0, index, v)
             for k in members:
                 clients[k].n_examples += len(clients[k].batches[t][1])
             with torch.no_grad():

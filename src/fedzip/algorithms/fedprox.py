@@ -26,14 +26,11 @@ class ProximalTerm(ClientHooks):
         self.mu = float(mu)
 
     def objective(self, ctx: ClientContext, loss: torch.Tensor) -> torch.Tensor:
-        if self.mu == 0.0:
-            return loss  # no extra op: FedProx(0) is FedAvg bit for bit
-        prox = sum(((p - ctx.received[name]) ** 2).sum() for name, p in ctx.model.named_parameters())
-        return loss + 0.5 * self.mu * prox
+        return self.weights_objective(dict(ctx.model.named_parameters()), ctx.received, loss)
 
     def weights_objective(self, weights, received, loss):
         if self.mu == 0.0:
-            return loss
+            return loss  # no extra op: FedProx(0) is FedAvg bit for bit
         prox = sum(((w - received[name]) ** 2).sum() for name, w in weights.items())
         return loss + 0.5 * self.mu * prox
 
